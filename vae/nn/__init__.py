@@ -1,0 +1,38 @@
+"""Networks: MLP / conv encoders and decoders for any image shape (C, H, W), the Gaussian
+encoder head, and the VQ-VAE encoder/decoder with residual stacks.
+
+Decoders return raw outputs (logits or means, no final activation). ``hidden_dims`` is
+always given in encoder order; decoders mirror it.
+"""
+
+from vae.nn.blocks import (
+    ACTIVATIONS,
+    ResidualBlock,
+    ResidualStack,
+    downsampled_shape,
+    make_activation,
+    spatial_sizes,
+)
+from vae.nn.build import build_decoder, build_encoder
+from vae.nn.conv import ConvDecoder, ConvEncoder
+from vae.nn.gaussian import GaussianEncoder
+from vae.nn.mlp import MLPDecoder, MLPEncoder
+from vae.nn.vq_nets import VQDecoder, VQEncoder
+
+__all__ = [
+    "ACTIVATIONS",
+    "ConvDecoder",
+    "ConvEncoder",
+    "GaussianEncoder",
+    "MLPDecoder",
+    "MLPEncoder",
+    "ResidualBlock",
+    "ResidualStack",
+    "VQDecoder",
+    "VQEncoder",
+    "build_decoder",
+    "build_encoder",
+    "downsampled_shape",
+    "make_activation",
+    "spatial_sizes",
+]

@@ -1,0 +1,59 @@
+"""Build the Gaussian VAE's encoder and decoder from the config keys ``model.arch``,
+``model.hidden_dims`` and ``model.latent_dim``.
+
+``hidden_dims`` lists the hidden layers in encoder order, input side first; the decoder
+mirrors it. For ``arch="mlp"`` they are the widths of the fully connected hidden layers;
+for ``arch="conv"`` they are the channels of the stride-2 convs. The mu/logvar heads
+read the last hidden layer directly (no extra linear layer in between).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from vae.nn.conv import HIDDEN_DIMS_NAME, ConvDecoder, ConvEncoder
+from vae.nn.gaussian import GaussianEncoder
+from vae.nn.mlp import MLPDecoder, MLPEncoder
+from vae.nn.validation import positive_int, positive_int_list
+
+ENCODERS = {"mlp": MLPEncoder, "conv": ConvEncoder}
+DECODERS = {"mlp": MLPDecoder, "conv": ConvDecoder}
+
+
+def _check_arch(arch: str) -> str:
+    if arch not in ENCODERS:
+        raise ValueError(f"model.arch must be one of {sorted(ENCODERS)}, got {arch!r}.")
+    return arch
+
+
+def build_encoder(
+    arch: str,
+    input_shape: Sequence[int],
+    hidden_dims: Sequence[int],
+    latent_dim: int,
+    activation: str = "relu",
+    logvar_clamp: Sequence[float] | None = None,
+) -> GaussianEncoder:
+    """Return a ``GaussianEncoder`` whose forward maps (B, C, H, W) to ``(mu, logvar)``, each
+    (B, latent_dim). See ``GaussianEncoder`` for ``logvar_clamp`` (off by default)."""
+    arch = _check_arch(arch)
+    latent_dim = positive_int(latent_dim, "latent_dim (config key model.latent_dim)")
+    hidden_dims = positive_int_list(hidden_dims, HIDDEN_DIMS_NAME)
+    body = ENCODERS[arch](input_shape, hidden_dims, out_dim=None, activation=activation)
+    return GaussianEncoder(body, body.out_dim, latent_dim, logvar_clamp=logvar_clamp)
+
+
+def build_decoder(
+    arch: str,
+    latent_dim: int,
+    hidden_dims: Sequence[int],
+    output_shape: Sequence[int],
+    activation: str = "relu",
+) -> nn.Module:
+    """Return a decoder mapping z (..., latent_dim) to raw outputs (..., C, H, W)."""
+    arch = _check_arch(arch)
+    latent_dim = positive_int(latent_dim, "latent_dim (config key model.latent_dim)")
+    hidden_dims = positive_int_list(hidden_dims, HIDDEN_DIMS_NAME)
+    return DECODERS[arch](latent_dim, hidden_dims, output_shape, activation=activation)
