@@ -1,0 +1,121 @@
+"""`vae-train`: compose the Hydra config, build everything with ``instantiate``, fit, report.
+
+    vae-train                                   # Gaussian VAE on the embedded digits
+    vae-train experiment=vae_fashion model.beta=4
+    vae-train -m model.beta=0.5,1,4             # a sweep: one run directory per job
+
+This file only wires objects together; the maths lives in ``vae.losses`` and ``vae.nn``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+# Hydra treats a relative config_path as a module when the caller is inside a package, which
+# breaks the console script; an absolute folder works from anywhere.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+log = logging.getLogger(__name__)
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_id"):
+        # A short random id, cached so that every use within one config agrees.
+        OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(2), use_cache=True)
+    if not OmegaConf.has_resolver("dir_suffix"):
+        OmegaConf.register_new_resolver(
+            "dir_suffix", lambda text: f"_{text}".replace("/", "-") if text else ""
+        )
+
+
+_register_resolvers()
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the configured model and return the final metrics (also written to metrics.json)."""
+    # Imports are deferred so that `--help` and config errors answer without loading torch.
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    from vae import tags
+    from vae.config import validate_config
+    from vae.runs import write_metrics
+    from vae.tensorboard import flatten_config, log_hparams
+
+    validate_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    log_hparams(trainer.loggers, flatten_config(resolved), model.hparam_metric_tags())
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics: dict[str, Any] = {
+        key: float(value)
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith(("val/", "train/"))
+    }
+    metrics.update(model.last_train_scalars)
+    throughput = next((c for c in callbacks if hasattr(c, "samples_per_s")), None)
+    if throughput is not None:
+        metrics[tags.TRAIN_SAMPLES_PER_S] = throughput.samples_per_s
+    metrics["epoch"] = trainer.current_epoch
+    metrics["global_step"] = trainer.global_step
+    if trainer.is_global_zero:
+        write_metrics(run_dir, metrics)
+        for logger in trainer.loggers:
+            logger.finalize("success")
+    return metrics
+
+
+def _discard_unused_run_dir(run_dir: Path) -> None:
+    """Remove a run directory that Hydra created for a run that never started.
+
+    Only a directory holding nothing but Hydra's own files is removed, so a resumed run's
+    checkpoints and logs are never touched.
+    """
+    if not run_dir.is_dir():
+        return
+    produced = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+    if not produced:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from vae.config import ConfigError
+    from vae.data import DatasetNotFoundError
+
+    run_dir = Path(cfg.paths.output_dir)
+    try:
+        metrics = train(cfg)
+    except (ConfigError, DatasetNotFoundError) as err:
+        _discard_unused_run_dir(run_dir)
+        print(f"vae-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print("View the runs with: tensorboard --logdir " + str(cfg.paths.log_dir))
+    print(run_dir)
+    return metrics.get("val/loss")
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Helpers to run the real console scripts in a subprocess and read their TensorBoard output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_cli(
+    script: str, *args: str, cwd: Path, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run e.g. ``vae-train`` with ``args`` in ``cwd``; return the completed process."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(
+        [str(BIN / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{script} {' '.join(args)} failed ({proc.returncode}):\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1].strip()
+
+
+def load_events(run_dir: Path) -> EventAccumulator:
+    """All scalars, images, histograms and tensors of one run, via TensorBoard's own reader."""
+    accumulator = EventAccumulator(
+        str(run_dir),
+        size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0},
+    )
+    accumulator.Reload()
+    return accumulator
+
+
+def scalar_series(events: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(event.step, event.value) for event in events.Scalars(tag)]

@@ -1,0 +1,133 @@
+"""End to end through the real `vae-train` entry point (subprocesses, temporary log dirs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.cli import last_line, load_events, run_cli, scalar_series
+from vae import tags
+
+pytestmark = pytest.mark.slow
+
+QUICK = ["trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """One real 3-epoch run of the default experiment (digits, Gaussian VAE)."""
+    workdir = tmp_path_factory.mktemp("e2e")
+    proc = run_cli(
+        "vae-train",
+        "trainer.max_epochs=3",
+        "paths.log_dir=logs",
+        "seed=7",
+        *QUICK,
+        cwd=workdir,
+    )
+    run_dir = workdir / last_line(proc.stdout)
+    assert run_dir.is_dir(), proc.stdout
+    assert "tensorboard --logdir logs" in proc.stdout
+    return run_dir
+
+
+def test_run_directory_holds_contract_files(digits_run: Path):
+    assert (digits_run / "metrics.json").is_file()
+    assert (digits_run / ".hydra" / "config.yaml").is_file()
+    assert (digits_run / "checkpoints" / "last.ckpt").is_file()
+    best = [p for p in (digits_run / "checkpoints").glob("best-*.ckpt")]
+    assert len(best) == 1
+    assert list(digits_run.glob("events.out.tfevents.*")), "event files must sit in the run dir"
+    # The run directory lives under logs/<name>/ so that `tensorboard --logdir logs` finds it.
+    assert digits_run.parent.name == "vae_digits"
+
+
+def test_every_contract_tag_reads_back(digits_run: Path):
+    events = load_events(digits_run)
+    found = events.Tags()
+    for tag in tags.VAE_SCALARS:
+        assert tag in found["scalars"], f"missing scalar {tag}; have {found['scalars']}"
+    for tag in tags.VAE_HISTOGRAMS:
+        assert tag in found["histograms"], f"missing histogram {tag}"
+    for tag in tags.IMAGES:
+        assert tag in found["images"], f"missing image {tag}"
+    image = events.Images(tags.VAL_SAMPLES)[-1]
+    assert image.width > 8 and image.height > 8
+    # The HParams plugin entry (config + metric names) is present.
+    assert "hparams" in events.PluginTagToContent("hparams") or events.PluginTagToContent("hparams")
+
+
+def test_kl_positive_and_elbo_improves(digits_run: Path):
+    events = load_events(digits_run)
+    kl = scalar_series(events, tags.VAL_KL)
+    assert all(math.isfinite(v) and v > 0 for _, v in kl)
+    elbo = [v for _, v in scalar_series(events, tags.VAL_ELBO)]
+    assert len(elbo) == 3
+    assert elbo[-1] > elbo[0] + 1.0, elbo
+    # train/beta is logged although beta is constant.
+    assert {v for _, v in scalar_series(events, tags.TRAIN_BETA)} == {1.0}
+    # The histogram holds one value per latent dimension (8) and they sum to val/kl.
+    histogram = events.Histograms(tags.VAL_KL_PER_DIM)[-1].histogram_value
+    assert histogram.num == 8
+    assert histogram.sum == pytest.approx(kl[-1][1], rel=1e-4)
+
+
+def test_metrics_json_matches_tensorboard(digits_run: Path):
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    events = load_events(digits_run)
+    for tag in tags.VAE_VAL_SCALARS:
+        assert metrics[tag] == pytest.approx(scalar_series(events, tag)[-1][1], rel=1e-6)
+    assert metrics[tags.VAL_ELBO] == pytest.approx(-(metrics[tags.VAL_RECON] + metrics[tags.VAL_KL]), rel=1e-5)
+    # bits/dim = -ELBO / (64 pixels * ln 2)
+    assert metrics[tags.VAL_BITS_PER_DIM] == pytest.approx(-metrics[tags.VAL_ELBO] / (64 * math.log(2)), rel=1e-5)
+    assert metrics[tags.TRAIN_SAMPLES_PER_S] > 0
+    assert 0 <= metrics[tags.VAL_ACTIVE_UNITS] <= 8
+
+
+def test_same_seed_same_metrics(tmp_path: Path):
+    args = ["trainer.max_epochs=1", "trainer.limit_train_batches=5", "seed=3", *QUICK]
+    runs = [tmp_path / last_line(run_cli("vae-train", *args, cwd=tmp_path).stdout) for _ in range(2)]
+    assert runs[0] != runs[1], "two runs must never share a directory"
+    first, second = (json.loads((r / "metrics.json").read_text()) for r in runs)
+    for metrics in (first, second):
+        metrics.pop(tags.TRAIN_SAMPLES_PER_S)
+    assert first == second
+
+
+def test_multirun_gives_one_directory_per_job(tmp_path: Path):
+    proc = run_cli(
+        "vae-train", "-m", "model.beta=0.5,4", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", *QUICK, cwd=tmp_path,
+    )
+    metrics_files = sorted((tmp_path / "logs").rglob("metrics.json"))
+    assert len(metrics_files) == 2, proc.stdout
+    names = sorted(p.parent.name for p in metrics_files)
+    assert names == ["0_model.beta=0.5", "1_model.beta=4"]
+    betas = sorted(json.loads(p.read_text())[tags.TRAIN_BETA] for p in metrics_files)
+    assert betas == [0.5, 4.0]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.latent_dim=0", "model.latent_dim"),
+        ("data.batch_size=-1", "data.batch_size"),
+        ("model.beta=-1", "model.beta"),
+        ("model.arch=transformer", "model.arch"),
+        ("model.likelihood=poisson", "model.likelihood"),
+        ("data.binarize=sometimes", "data.binarize"),
+        ("model=nosuchmodel", "nosuchmodel"),
+        ("model.nosuchkey=1", "nosuchkey"),
+    ],
+)
+def test_bad_config_fails_before_training(tmp_path: Path, override: str, key: str):
+    proc = run_cli("vae-train", override, *QUICK, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert key in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # Nothing half-made is left behind: no run directory, no checkpoints, no event files.
+    leftovers = [p for p in (tmp_path / "logs").rglob("*") if p.is_file()] if (tmp_path / "logs").exists() else []
+    assert leftovers == []

@@ -1,0 +1,141 @@
+"""The config schema, checked in one place before anything is built or trained.
+
+Hydra already rejects unknown groups (``model=foo``) and unknown keys (``model.foo=1``). This
+module checks the *values*: each rule names the key, says what is allowed and what was given.
+Rules apply only to keys that exist in the composed config, so one table serves every model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message names the key and the allowed values."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def non_negative_int(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def non_negative_number(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+def fraction(value: Any) -> bool:
+    return _is_number(value) and 0 < value <= 1
+
+
+def positive_int_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(map(positive_int, value))
+
+
+def one_of(*allowed: Any) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        return value in allowed
+
+    check.allowed = allowed  # type: ignore[attr-defined]
+    return check
+
+
+def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def maybe(value: Any) -> bool:
+        return value is None or check(value)
+
+    maybe.allowed = getattr(check, "allowed", None)  # type: ignore[attr-defined]
+    return maybe
+
+
+def clamp_range(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(map(_is_number, value))
+        and value[0] < value[1]
+    )
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    check: Callable[[Any], bool]
+    expected: str
+
+
+ARCHS = ("mlp", "conv")
+LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
+KL_SCHEDULES = ("constant", "linear", "cyclical", "capacity")
+BINARIZE = ("none", "static", "dynamic")
+
+RULES: tuple[Rule, ...] = (
+    Rule("model.arch", one_of(*ARCHS), f"one of {', '.join(ARCHS)}"),
+    Rule("model.hidden_dims", positive_int_list, "a non-empty list of positive integers, e.g. [512,256]"),
+    Rule("model.latent_dim", positive_int, "a positive integer"),
+    Rule("model.likelihood", one_of(*LIKELIHOODS), f"one of {', '.join(LIKELIHOODS)}"),
+    Rule("model.sigma", positive_number, "a positive number (the fixed likelihood scale)"),
+    Rule("model.logvar_clamp", optional(clamp_range), "null or [low, high] with low < high"),
+    Rule("model.lr", positive_number, "a positive number"),
+    Rule("model.beta", non_negative_number, "a number >= 0"),
+    Rule("model.kl_schedule", one_of(*KL_SCHEDULES), f"one of {', '.join(KL_SCHEDULES)}"),
+    Rule("model.warmup_steps", positive_int, "a positive integer"),
+    Rule("model.cycle_steps", positive_int, "a positive integer"),
+    Rule("model.cycle_ratio", fraction, "a number in (0, 1]"),
+    Rule("model.capacity_max", non_negative_number, "a number >= 0 (nats)"),
+    Rule("model.capacity_steps", positive_int, "a positive integer"),
+    Rule("model.capacity_gamma", non_negative_number, "a number >= 0"),
+    Rule("model.free_bits", non_negative_number, "a number >= 0 (nats per latent dimension)"),
+    Rule("model.num_images", positive_int, "a positive integer"),
+    Rule("data.batch_size", positive_int, "a positive integer"),
+    Rule("data.num_workers", non_negative_int, "an integer >= 0"),
+    Rule("data.binarize", one_of(*BINARIZE), f"one of {', '.join(BINARIZE)}"),
+    Rule("data.val_size", positive_int, "a positive integer"),
+    Rule("trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1"),
+    Rule("trainer.log_every_n_steps", positive_int, "a positive integer"),
+    Rule("seed", lambda v: v is None or _is_int(v), "an integer or null"),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` listing every invalid value in ``cfg``; warn on dubious combinations."""
+    problems = []
+    for rule in RULES:
+        value = OmegaConf.select(cfg, rule.key, default="__missing__")
+        if isinstance(value, str) and value == "__missing__":
+            continue
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        if not rule.check(value):
+            problems.append(f"{rule.key}={value!r} is invalid: expected {rule.expected}.")
+    if problems:
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+    likelihood = OmegaConf.select(cfg, "model.likelihood")
+    binarize = OmegaConf.select(cfg, "data.binarize")
+    if likelihood == "bernoulli" and binarize == "none":
+        warnings.warn(
+            "model.likelihood=bernoulli with data.binarize=none: the Bernoulli NLL is not a "
+            "likelihood of grey-level pixels, so val/elbo is not comparable with the literature. "
+            "Use data.binarize=dynamic for likelihood numbers.",
+            stacklevel=2,
+        )

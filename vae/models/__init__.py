@@ -1,0 +1,6 @@
+"""Thin LightningModules: wiring and logging; the maths lives in ``vae.losses`` and ``vae.nn``."""
+
+from vae.models.base import LatentVariableModule, NonFiniteLossError
+from vae.models.gaussian_vae import GaussianVAE
+
+__all__ = ["GaussianVAE", "LatentVariableModule", "NonFiniteLossError"]

@@ -1,0 +1,259 @@
+"""Gaussian VAE (Kingma & Welling 2014) with a closed-form KL term.
+
+    q(z|x) = N(mu(x), diag exp(logvar(x))),   p(z) = N(0, I),   p(x|z) from ``likelihood``.
+    ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))          (one reparameterised sample)
+    loss    = recon + regulariser(KL)                        (recon = -log p(x|z))
+
+All terms are nats per example. The KL regulariser (constant beta, warm-up, cyclical,
+capacity, free bits) comes from ``vae.losses.build_regulariser``; the ELBO itself is computed
+once, in ``vae.losses.compute_elbo``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from vae.losses import (
+    BetaKL,
+    CapacityKL,
+    CapacitySchedule,
+    ConstantBeta,
+    CyclicalBeta,
+    FreeBitsKL,
+    LinearWarmup,
+    compute_elbo,
+    gaussian_kl,
+    get_likelihood,
+)
+from vae.models.base import LatentVariableModule
+from vae.nn import build_decoder, build_encoder
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit d is active if Cov_x(E_q[z_d]) > 0.01
+
+
+def kl_regulariser(
+    kl_schedule: str,
+    beta: float,
+    warmup_steps: int,
+    cycle_steps: int,
+    cycle_ratio: float,
+    capacity_max: float,
+    capacity_steps: int,
+    capacity_gamma: float,
+    free_bits: float,
+):
+    """The KL regulariser named by the flat ``model.*`` config keys.
+
+    ``constant`` / ``linear`` / ``cyclical`` give beta(t); ``free_bits > 0`` applies that beta to
+    max(lambda, KL_j) per dimension instead of KL; ``capacity`` replaces beta * KL by
+    gamma * |KL - C(t)| and cannot be combined with free bits.
+    """
+    if kl_schedule == "capacity":
+        if free_bits > 0:
+            raise ValueError(
+                "model.free_bits > 0 cannot be combined with model.kl_schedule=capacity; "
+                "set one of them"
+            )
+        return CapacityKL(capacity_gamma, CapacitySchedule(c_max=capacity_max, steps=capacity_steps))
+    schedules = {
+        "constant": lambda: ConstantBeta(beta=beta),
+        "linear": lambda: LinearWarmup(beta=beta, warmup_steps=warmup_steps),
+        "cyclical": lambda: CyclicalBeta(beta=beta, cycle_steps=cycle_steps, ratio=cycle_ratio),
+    }
+    if kl_schedule not in schedules:
+        raise ValueError(
+            f"model.kl_schedule must be one of {[*schedules, 'capacity']}, got {kl_schedule!r}"
+        )
+    schedule = schedules[kl_schedule]()
+    return FreeBitsKL(free_bits, schedule) if free_bits > 0 else BetaKL(schedule)
+
+
+class GaussianVAE(LatentVariableModule):
+    guarded_terms = ("recon", "kl")
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        arch: str = "mlp",
+        hidden_dims: Sequence[int] = (256, 128),
+        latent_dim: int = 8,
+        likelihood: str = "bernoulli",
+        learn_sigma: bool = False,
+        sigma: float = 1.0,
+        logvar_clamp: Sequence[float] | None = None,
+        lr: float = 1e-3,
+        beta: float = 1.0,
+        kl_schedule: str = "constant",
+        warmup_steps: int = 1000,
+        cycle_steps: int = 1000,
+        cycle_ratio: float = 0.5,
+        capacity_max: float = 25.0,
+        capacity_steps: int = 10000,
+        capacity_gamma: float = 1000.0,
+        free_bits: float = 0.0,
+        num_images: int = 64,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    ):
+        super().__init__(optimizer=optimizer, num_images=num_images)
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.latent_dim = int(latent_dim)
+        self.encoder = build_encoder(
+            arch, self.image_shape, hidden_dims, latent_dim, logvar_clamp=logvar_clamp
+        )
+        self.decoder = build_decoder(arch, latent_dim, hidden_dims, self.image_shape)
+        self.likelihood_name = likelihood
+        self.likelihood = get_likelihood(likelihood)
+        log_sigma = torch.full((self.image_shape[0], 1, 1), math.log(sigma))
+        if learn_sigma:
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+        self.regulariser = kl_regulariser(
+            kl_schedule,
+            beta=beta,
+            warmup_steps=warmup_steps,
+            cycle_steps=cycle_steps,
+            cycle_ratio=cycle_ratio,
+            capacity_max=capacity_max,
+            capacity_steps=capacity_steps,
+            capacity_gamma=capacity_gamma,
+            free_bits=free_bits,
+        )
+        self.num_pixels = math.prod(self.image_shape)
+        # Fixed prior draws, so that val/samples shows the same z across epochs.
+        generator = torch.Generator().manual_seed(1234)
+        self.register_buffer(
+            "sample_z", torch.randn(num_images, latent_dim, generator=generator), persistent=False
+        )
+        self._reset_validation_stats()
+
+    # --- the model ------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z|x), each (B, latent_dim)."""
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw decoder outputs: Bernoulli logits or the Gaussian/Laplace location."""
+        return self.decoder(z)
+
+    def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-log p(x|z) in nats per example, shape (B,)."""
+        if self.likelihood_name == "bernoulli":
+            return self.likelihood(params, x, validate=False)
+        return self.likelihood(params, x, self.log_sigma, validate=False)
+
+    def decoder_mean(self, params: torch.Tensor) -> torch.Tensor:
+        """E[x|z] for display: sigmoid(logits) for Bernoulli, the location otherwise."""
+        return torch.sigmoid(params) if self.likelihood_name == "bernoulli" else params
+
+    @staticmethod
+    def reparameterise(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I): a sample of q(z|x) differentiable in (mu, logvar)."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def forward(self, x: torch.Tensor):
+        mu, logvar = self.encode(x)
+        z = self.reparameterise(mu, logvar)
+        return self.decode(z), mu, logvar
+
+    def compute_terms(self, x: torch.Tensor, step: int):
+        params, mu, logvar = self(x)
+        recon_nll = self.reconstruction_nll(params, x)
+        kl = gaussian_kl(mu, logvar, validate=False)
+        terms = compute_elbo(recon_nll, kl, self.regulariser, step)
+        if not self.training:
+            self._accumulate_validation_stats(mu, terms.kl_per_dim)
+        return terms.loss, {
+            "loss": terms.loss,
+            "recon": terms.recon,
+            "kl": terms.kl,
+            "beta": terms.beta,
+            "elbo": terms.elbo,
+            "bits_per_dim": -terms.elbo / (self.num_pixels * math.log(2.0)),
+        }
+
+    def train_scalar_names(self):
+        return ("loss", "recon", "kl", "beta")
+
+    def val_scalar_names(self):
+        return ("loss", "recon", "kl", "elbo", "bits_per_dim")
+
+    def hparam_metric_tags(self):
+        return (*super().hparam_metric_tags(), "val/active_units")
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        mu, _ = self.encode(x)
+        return self.decoder_mean(self.decode(mu))
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        z = self.sample_z[:num_samples]
+        if z.shape[0] < num_samples:
+            z = torch.randn(num_samples, self.latent_dim, device=self.device)
+        return self.decoder_mean(self.decode(z))
+
+    # --- per-epoch validation statistics --------------------------------------------------
+    def _reset_validation_stats(self) -> None:
+        self._val_count = 0
+        self._val_mu_sum = None
+        self._val_mu_sq_sum = None
+        self._val_kl_sum = None
+
+    def _accumulate_validation_stats(self, mu: torch.Tensor, kl_per_dim: torch.Tensor) -> None:
+        """Running sums over the epoch; ``kl_per_dim`` is this batch's mean KL per dimension."""
+        mu = mu.detach().double()
+        if self._val_mu_sum is None:
+            self._val_mu_sum = torch.zeros(mu.shape[1], dtype=torch.float64, device=mu.device)
+            self._val_mu_sq_sum = torch.zeros_like(self._val_mu_sum)
+            self._val_kl_sum = torch.zeros_like(self._val_mu_sum)
+        self._val_count += mu.shape[0]
+        self._val_mu_sum += mu.sum(0)
+        self._val_mu_sq_sum += (mu * mu).sum(0)
+        self._val_kl_sum += kl_per_dim.detach().double() * mu.shape[0]
+
+    def validation_statistics(self) -> dict[str, torch.Tensor] | None:
+        """Per-dimension KL (nats, mean over the epoch) and Var_x(E_q[z_d]), summed over ranks."""
+        if self._val_mu_sum is None:
+            return None
+        stacked = torch.cat(
+            [
+                self._val_mu_sum,
+                self._val_mu_sq_sum,
+                self._val_kl_sum,
+                torch.tensor([float(self._val_count)], dtype=torch.float64, device=self._val_mu_sum.device),
+            ]
+        )
+        if self._trainer is not None and self.trainer.world_size > 1:
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
+        d = self.latent_dim
+        n = stacked[-1]
+        mean = stacked[:d] / n
+        variance = (stacked[d : 2 * d] / n - mean**2).clamp_min(0.0)
+        return {"kl_per_dim": stacked[2 * d : 3 * d] / n, "mu_variance": variance}
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_validation_stats()
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self.validation_statistics()
+        if stats is not None:
+            self.log_val_epoch_scalar(
+                "active_units", (stats["mu_variance"] > ACTIVE_UNIT_THRESHOLD).sum()
+            )
+            self.log_val_histogram("kl_per_dim", stats["kl_per_dim"])
+        self._reset_validation_stats()
+        super().on_validation_epoch_end()
+
+    # --- KL schedule state travels with the checkpoint ---------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kl_regulariser"] = self.regulariser.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "kl_regulariser" in checkpoint:
+            self.regulariser.load_state_dict(checkpoint["kl_regulariser"])

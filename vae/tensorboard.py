@@ -1,0 +1,77 @@
+"""Writing to TensorBoard beyond scalars: images, histograms and the HParams tab.
+
+Lightning's loggers handle scalars. Images and histograms need the underlying
+``SummaryWriter``; these helpers find it for every TensorBoard logger attached to a trainer,
+so that the rest of the code never touches logger internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+from torchvision.utils import make_grid
+
+
+def summary_writers(loggers: Iterable[Any]) -> Iterator[Any]:
+    """Yield the ``SummaryWriter`` of every TensorBoard logger in ``loggers``."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            yield logger.experiment
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """A (C, H', W') grid in [0, 1] from a (N, C, H, W) batch, via ``torchvision.utils.make_grid``."""
+    images = images.detach().float().clamp(0.0, 1.0).cpu()
+    nrow = nrow or max(1, int(round(images.shape[0] ** 0.5)))
+    return make_grid(images, nrow=nrow, padding=1, pad_value=1.0)
+
+
+def log_image_grid(loggers: Iterable[Any], tag: str, images: torch.Tensor, step: int, nrow=None):
+    grid = image_grid(images, nrow=nrow)
+    for writer in summary_writers(loggers):
+        writer.add_image(tag, grid, global_step=step)
+
+
+def log_histogram(loggers: Iterable[Any], tag: str, values: torch.Tensor, step: int) -> None:
+    values = values.detach().float().cpu()
+    for writer in summary_writers(loggers):
+        writer.add_histogram(tag, values, global_step=step)
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"beta": 4}}`` -> ``{"model.beta": 4}``; lists become strings.
+
+    The HParams plugin accepts only int, float, str and bool values.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        elif value is None or isinstance(value, (list, tuple)):
+            flat[name] = str(value)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def log_hparams(loggers: Iterable[Any], params: Mapping[str, Any], metric_tags: Iterable[str]) -> None:
+    """Register the run's hyper-parameters and the metric tags the HParams tab should show.
+
+    The tab reads each metric's *latest* value from the scalar series of the same tag in the
+    same run, so this is written once at the start and still shows the final metrics (also for a
+    run that crashed half-way). Writing values here would add a spurious point to the curves.
+    """
+    experiment, session_start, session_end = hparams_summary(
+        dict(params), {tag: 0.0 for tag in metric_tags}
+    )
+    for writer in summary_writers(loggers):
+        file_writer = writer._get_file_writer()
+        for summary in (experiment, session_start, session_end):
+            file_writer.add_summary(summary)
