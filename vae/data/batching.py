@@ -1,0 +1,116 @@
+"""Fast batches from tensors held in memory: one indexing operation per batch.
+
+A ``DataLoader`` over a map-style dataset normally calls ``dataset[i]`` once per example and
+stacks the results, which costs more than a small model's forward pass. ``ImageTensorDataset``
+implements ``__getitems__``, so the ``DataLoader`` hands it the batch's whole index list and
+it answers with ``(images[idx], labels[idx])`` in one gather. ``keep_batch`` is then the
+collate function: the batch is already stacked.
+
+The sampler stays a plain per-example ``Sampler`` wrapped by the ``DataLoader``'s own
+``BatchSampler``. That is the shape Lightning knows how to re-shard under DDP (it swaps in a
+``DistributedSampler`` and keeps ``__getitems__``), so multi-GPU runs need no special case.
+"""
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler, get_worker_info
+
+from vae.data.binarize import sample_binary
+from vae.data.seeds import BINARIZE_TRAIN_STREAM, SHUFFLE_STREAM, seeded_generator
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Yields ``0 .. num_examples - 1`` in an order that depends only on ``(seed, epoch)``.
+
+    Epoch ``e`` uses ``torch.randperm`` under the generator seeded with
+    ``derive_seed(SHUFFLE_STREAM, seed, e)``, so a run's data order is reproducible and
+    epoch ``e``'s order can be rebuilt without replaying epochs ``0 .. e - 1`` (for resume).
+
+    Lightning calls ``set_epoch(current_epoch)`` before each training epoch. Without
+    Lightning, each ``iter()`` moves to the next epoch by itself, so a plain loop also gets a
+    fresh order every epoch.
+    """
+
+    def __init__(self, num_examples: int, seed: int, shuffle: bool = True) -> None:
+        if num_examples <= 0:
+            raise ValueError(f"num_examples must be positive, got {num_examples}")
+        self.num_examples = num_examples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The permutation of example indices used in ``epoch`` (int64, shape (N,))."""
+        if not self.shuffle:
+            return torch.arange(self.num_examples)
+        generator = seeded_generator(SHUFFLE_STREAM, self.seed, epoch)
+        return torch.randperm(self.num_examples, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order(self.epoch)
+        self.epoch += 1
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+
+class ImageTensorDataset(Dataset):
+    """Images (N, C, H, W) float32 in [0, 1] and labels (N,) int64, served a batch at a time.
+
+    With ``resample_seed`` set, every batch is a fresh ``Bernoulli(images[idx])`` draw
+    (dynamic binarization). The draws come from a generator seeded with
+    ``(BINARIZE_TRAIN_STREAM, resample_seed)`` in the main process, or, inside a DataLoader
+    worker, with the worker's seed (which the DataLoader derives from its own seeded
+    generator). So a fresh run with the same seed and ``num_workers`` sees the same binary
+    images; the stream is not re-derived per epoch, so a resumed run draws different noise.
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, resample_seed: int | None = None
+    ) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"images and labels must have the same length, got {images.shape[0]} "
+                f"and {labels.shape[0]}"
+            )
+        self.images = images
+        self.labels = labels
+        self.resample_seed = resample_seed
+        self._generator: torch.Generator | None = None
+        self._generator_key: int | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def _binarize_generator(self) -> torch.Generator:
+        worker = get_worker_info()
+        # -1 marks the main process; worker seeds are non-negative.
+        key = -1 if worker is None else worker.seed % (2**63)
+        if self._generator is None or self._generator_key != key:
+            assert self.resample_seed is not None
+            keys = (self.resample_seed,) if worker is None else (self.resample_seed, key)
+            self._generator = seeded_generator(BINARIZE_TRAIN_STREAM, *keys)
+            self._generator_key = key
+        return self._generator
+
+    def _maybe_binarize(self, images: torch.Tensor) -> torch.Tensor:
+        if self.resample_seed is None:
+            return images
+        return sample_binary(images, self._binarize_generator())
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self._maybe_binarize(self.images[index]), self.labels[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._maybe_binarize(self.images[index]), self.labels[index]
+
+
+def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate function for ``ImageTensorDataset``: ``__getitems__`` already built the batch."""
+    return batch

@@ -1,0 +1,168 @@
+"""``InMemoryDataModule``: the base of every image DataModule in ``vae.data``.
+
+A subclass only says how to read its data (``load_splits``) and states ``name``,
+``image_shape`` and ``num_classes`` as class attributes, so a model can be built from
+``image_shape`` before any file is read. This base validates the common settings, binarizes
+(see ``vae.data.binarize``), and serves ``(x, y)`` batches: ``x`` float32 (B, C, H, W) in
+[0, 1] (exactly 0 or 1 when binarized), ``y`` int64 (B,).
+
+Random streams, each keyed by its own seed (``vae.data.seeds``):
+
+- the train/val/test split: ``split_seed`` (default 0), independent of the training seed;
+- the fixed binarization (static train; val and test under both static and dynamic):
+  ``split_seed`` and the split's name, so it is the same in every run;
+- the shuffle order of epoch ``e``: ``(seed, e)``, and dynamic binarization of training
+  batches: ``seed``. ``seed`` defaults to ``torch.initial_seed()`` read when
+  ``train_dataloader()`` is called, which is the global seed after ``L.seed_everything``.
+"""
+
+from abc import abstractmethod
+from typing import ClassVar
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler, SequentialSampler
+
+from vae.data.batching import EpochShuffleSampler, ImageTensorDataset, keep_batch
+from vae.data.binarize import check_binarize_mode, sample_binary
+from vae.data.seeds import BINARIZE_FIXED_STREAM, WORKER_STREAM, seeded_generator
+from vae.data.splits import ImageSplit
+
+# Keys for the fixed binarization of each split, and which splits get it in each mode.
+_SPLIT_KEYS = {"train": 0, "val": 1, "test": 2}
+_FIXED_BINARIZATION = {"none": (), "static": ("train", "val", "test"), "dynamic": ("val", "test")}
+
+
+def check_integer_setting(value: object, key: str, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}. {hint}")
+    return value
+
+
+class InMemoryDataModule(L.LightningDataModule):
+    """Train/val/test images held as tensors in memory, served a whole batch per gather.
+
+    Args:
+        root: folder for dataset files (Hydra key ``data.root``); unused by embedded sets.
+        batch_size: examples per batch, for all three splits.
+        num_workers: DataLoader worker processes. 0 (default) is usually fastest here,
+            because a batch is a single tensor gather.
+        binarize: ``"none"``, ``"static"`` or ``"dynamic"`` (see ``vae.data.binarize``).
+        split_seed: seed of the train/val/test split and of the fixed binarization.
+        seed: seed of the shuffle order and dynamic binarization; ``None`` means
+            ``torch.initial_seed()`` when ``train_dataloader()`` is called.
+        pin_memory: pin batches for faster host-to-GPU copies; ``None`` means "if CUDA is
+            available".
+    """
+
+    name: ClassVar[str]
+    image_shape: ClassVar[tuple[int, int, int]]  # (C, H, W), known before any data is read
+    num_classes: ClassVar[int]
+
+    def __init__(
+        self,
+        root: str = "data",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        binarize: str = "none",
+        split_seed: int = 0,
+        seed: int | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = str(root)
+        self.batch_size = check_integer_setting(
+            batch_size, "data.batch_size", 1, "Set e.g. data.batch_size=64."
+        )
+        self.num_workers = check_integer_setting(
+            num_workers, "data.num_workers", 0, "Use 0 to load in the main process."
+        )
+        self.binarize = check_binarize_mode(binarize)
+        self.split_seed = check_integer_setting(
+            split_seed, "data.split_seed", 0, "Set e.g. data.split_seed=0."
+        )
+        if seed is not None:
+            check_integer_setting(seed, "data.seed", 0, "Leave it unset to use the global seed.")
+        self.seed = seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.train_split: ImageSplit | None = None
+        self.val_split: ImageSplit | None = None
+        self.test_split: ImageSplit | None = None
+        # Collects the init arguments of the subclass too, for the checkpoint and logger.
+        self.save_hyperparameters()
+
+    @abstractmethod
+    def load_splits(self) -> tuple[ImageSplit, ImageSplit, ImageSplit]:
+        """Read the data and return ``(train, val, test)`` intensities in [0, 1].
+
+        Raise ``DatasetNotFoundError`` when the data is missing or unusable.
+        """
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and binarize all three splits once; later calls do nothing."""
+        if self.train_split is not None:
+            return
+        splits = dict(zip(("train", "val", "test"), self.load_splits(), strict=True))
+        for split_name, split in splits.items():
+            if tuple(split.images.shape[1:]) != tuple(self.image_shape):
+                raise ValueError(
+                    f"{type(self).__name__}.load_splits returned {split_name} images of shape "
+                    f"{tuple(split.images.shape[1:])}, but image_shape is {self.image_shape}"
+                )
+        for split_name in _FIXED_BINARIZATION[self.binarize]:
+            splits[split_name] = self._fixed_binarization(split_name, splits[split_name])
+        self.train_split, self.val_split, self.test_split = (
+            splits["train"],
+            splits["val"],
+            splits["test"],
+        )
+
+    def _fixed_binarization(self, split_name: str, split: ImageSplit) -> ImageSplit:
+        generator = seeded_generator(
+            BINARIZE_FIXED_STREAM, self.split_seed, _SPLIT_KEYS[split_name]
+        )
+        return ImageSplit(sample_binary(split.images, generator), split.labels)
+
+    def _require_setup(self) -> None:
+        if self.train_split is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.setup() must run before asking for a dataloader; "
+                "Lightning calls it for you, outside Lightning call dm.prepare_data(); dm.setup()."
+            )
+
+    def _loader(self, dataset: ImageTensorDataset, sampler: Sampler[int], seed: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            # Seeds the workers' base seed and keeps the global RNG untouched by iteration.
+            generator=seeded_generator(WORKER_STREAM, seed),
+        )
+
+    def resolved_seed(self) -> int:
+        """The seed of shuffling and dynamic binarization: ``seed``, else ``torch.initial_seed()``."""
+        return self.seed if self.seed is not None else torch.initial_seed()
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        seed = self.resolved_seed()
+        split = self.train_split
+        dataset = ImageTensorDataset(
+            split.images, split.labels, resample_seed=seed if self.binarize == "dynamic" else None
+        )
+        return self._loader(dataset, EpochShuffleSampler(len(split), seed), seed)
+
+    def _eval_loader(self, split: ImageSplit | None) -> DataLoader:
+        self._require_setup()
+        dataset = ImageTensorDataset(split.images, split.labels)
+        return self._loader(dataset, SequentialSampler(dataset), self.resolved_seed())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_split)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_split)
