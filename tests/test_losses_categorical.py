@@ -1,0 +1,369 @@
+"""Categorical KL, entropy, cross-entropy and the KLDivergence module.
+
+Oracles: torch.distributions (Categorical) and scipy (rel_entr, entropy). Property tests
+with hypothesis cover the information-theoretic identities and the non-metric behaviour.
+"""
+
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from scipy.special import rel_entr
+from scipy.stats import entropy as scipy_entropy
+from torch.distributions import Categorical, kl_divergence
+
+from vae.losses import (
+    KLDivergence,
+    categorical_kl,
+    categorical_kl_from_logits,
+    cross_entropy,
+    entropy,
+)
+
+PROPERTY = settings(max_examples=100, deadline=None)
+
+
+def _random_probs(*shape, generator, dtype=torch.float64, zeros=0.0):
+    """Random distributions along the last dim, with a fraction ``zeros`` of exact zeros."""
+    x = torch.rand(*shape, generator=generator, dtype=torch.float64)
+    x = torch.where(torch.rand(*shape, generator=generator, dtype=torch.float64) < zeros, 0.0, x)
+    x[..., 0] += 1e-3  # every row keeps some mass
+    return (x / x.sum(-1, keepdim=True)).to(dtype)
+
+
+@st.composite
+def distributions(draw, size=None, allow_zeros=True):
+    n = size if size is not None else draw(st.integers(2, 8))
+    # Exact zeros, or weights >= 1e-6 so that products of two distributions cannot underflow.
+    weight = st.floats(1e-6, 1.0)
+    if allow_zeros:
+        weight = st.one_of(st.just(0.0), weight)
+    weights = draw(st.lists(weight, min_size=n, max_size=n))
+    if sum(weights) == 0:
+        weights[0] = 1.0
+    w = torch.tensor(weights, dtype=torch.float64)
+    return w / w.sum()
+
+
+@st.composite
+def distribution_pairs(draw, allow_zeros=True):
+    n = draw(st.integers(2, 8))
+    return draw(distributions(n, allow_zeros)), draw(distributions(n, allow_zeros))
+
+
+# --------------------------------------------------------------------------------------------
+# Oracles
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_categorical_kl_matches_torch_and_scipy_with_zeros_and_support_mismatch(dtype):
+    g = torch.Generator().manual_seed(0)
+    p = _random_probs(256, 6, generator=g, dtype=dtype, zeros=0.3)
+    q = _random_probs(256, 6, generator=g, dtype=dtype, zeros=0.3)
+    ours = categorical_kl(p, q)
+    scipy_kl = torch.from_numpy(rel_entr(p.double().numpy(), q.double().numpy()).sum(-1))
+    torch_kl = kl_divergence(Categorical(probs=p.double()), Categorical(probs=q.double()))
+    mismatch = ((q == 0) & (p > 0)).any(-1)
+    assert mismatch.any() and (~mismatch).any(), "the batch must exercise both cases"
+    assert torch.isinf(ours[mismatch]).all() and (ours[mismatch] > 0).all()
+    assert torch.isinf(scipy_kl[mismatch]).all() and torch.isinf(torch_kl[mismatch]).all()
+    tol = {torch.float32: 2e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(ours.double()[~mismatch], scipy_kl[~mismatch], rtol=tol, atol=tol)
+    torch.testing.assert_close(ours.double()[~mismatch], torch_kl[~mismatch], rtol=tol, atol=tol)
+    assert ours.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_entropy_and_cross_entropy_match_scipy(dtype):
+    g = torch.Generator().manual_seed(1)
+    p = _random_probs(64, 5, generator=g, dtype=dtype, zeros=0.3)
+    q = _random_probs(64, 5, generator=g, dtype=dtype)
+    tol = {torch.float32: 2e-5, torch.float64: 1e-12}[dtype]
+    expected_h = torch.from_numpy(scipy_entropy(p.double().numpy(), axis=-1))
+    torch.testing.assert_close(entropy(p).double(), expected_h, rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        entropy(p, unit="bits").double(),
+        torch.from_numpy(scipy_entropy(p.double().numpy(), base=2, axis=-1)),
+        rtol=tol,
+        atol=tol,
+    )
+    # scipy.stats.entropy(p, q) is the KL; H(p, q) = H(p) + KL(p || q).
+    expected_ce = expected_h + torch.from_numpy(
+        scipy_entropy(p.double().numpy(), q.double().numpy(), axis=-1)
+    )
+    torch.testing.assert_close(cross_entropy(p, q).double(), expected_ce, rtol=tol, atol=tol)
+
+
+def test_cross_entropy_conventions():
+    p = torch.tensor([0.0, 0.5, 0.5])
+    assert cross_entropy(p, torch.tensor([0.0, 0.5, 0.5])).item() == pytest.approx(math.log(2))
+    assert cross_entropy(p, torch.tensor([0.5, 0.5, 0.0])).item() == math.inf
+    assert entropy(torch.tensor([1.0, 0.0, 0.0])).item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Worked example and the epsilon trap
+# --------------------------------------------------------------------------------------------
+
+
+def test_worked_example_kl_is_0_8_ln_9():
+    # KL = 0.1 ln(0.1/0.9) + 0.9 ln(0.9/0.1) = (0.9 - 0.1) ln 9.
+    p, q = (
+        torch.tensor([0.1, 0.9], dtype=torch.float64),
+        torch.tensor([0.9, 0.1], dtype=torch.float64),
+    )
+    assert categorical_kl(p, q).item() == pytest.approx(0.8 * math.log(9), rel=1e-15)
+    assert categorical_kl(p.float(), q.float()).item() == pytest.approx(0.8 * math.log(9), rel=1e-6)
+
+
+def test_epsilon_clamped_tutorial_version_gives_finite_wrong_answer():
+    def tutorial_kl(p, q, eps=1e-10):
+        # The common blog-post implementation: clamp away the zeros "for stability".
+        return (p * torch.log(p.clamp_min(eps) / q.clamp_min(eps))).sum(-1)
+
+    p = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    q = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    tutorial = tutorial_kl(p, q).item()
+    assert math.isfinite(tutorial)
+    assert tutorial == pytest.approx(0.5 * math.log(0.5) + 0.5 * math.log(0.5 / 1e-10))
+    # The true KL is infinite: p puts mass on an outcome q calls impossible.
+    assert categorical_kl(p, q).item() == math.inf
+    assert rel_entr(p.numpy(), q.numpy()).sum() == math.inf
+    # And the answer depends on an arbitrary constant, which a divergence must not.
+    assert tutorial_kl(p, q, eps=1e-20).item() != pytest.approx(tutorial)
+
+
+def test_zero_p_terms_vanish_even_where_q_is_zero():
+    p = torch.tensor([0.0, 1.0])
+    assert categorical_kl(p, torch.tensor([0.0, 1.0])).item() == 0.0
+    assert categorical_kl(p, torch.tensor([0.5, 0.5])).item() == pytest.approx(math.log(2))
+
+
+def test_gradients_are_finite_wherever_the_kl_is_finite():
+    p = torch.tensor([[0.0, 0.3, 0.7], [0.2, 0.0, 0.8]], dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([[0.0, 0.5, 0.5], [0.1, 0.1, 0.8]], dtype=torch.float64, requires_grad=True)
+    kl = categorical_kl(p, q)
+    assert torch.isfinite(kl).all()
+    kl.sum().backward()
+    assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+    # dKL/dq_i = -p_i / q_i where p_i > 0, and 0 where p_i = 0.
+    expected = torch.where(p > 0, -p / q.where(q > 0, 1.0), 0.0).detach()
+    torch.testing.assert_close(q.grad, expected)
+
+
+def test_entropy_gradient_is_finite_at_zero_probabilities():
+    p = torch.tensor([0.0, 0.25, 0.75], requires_grad=True)
+    entropy(p).backward()
+    assert torch.isfinite(p.grad).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Logits
+# --------------------------------------------------------------------------------------------
+
+
+def test_from_logits_matches_probabilities_and_torch():
+    g = torch.Generator().manual_seed(2)
+    a, b = (
+        torch.randn(32, 7, generator=g, dtype=torch.float64),
+        torch.randn(32, 7, generator=g, dtype=torch.float64),
+    )
+    ours = categorical_kl_from_logits(a, b)
+    torch.testing.assert_close(ours, categorical_kl(a.softmax(-1), b.softmax(-1)))
+    torch.testing.assert_close(ours, kl_divergence(Categorical(logits=a), Categorical(logits=b)))
+
+
+def test_from_logits_is_finite_and_correct_for_huge_logits():
+    p_logits = torch.tensor([[1e4, -1e4, 0.0]])
+    q_logits = torch.tensor([[0.0, 1e4, -1e4]])
+    kl = categorical_kl_from_logits(p_logits, q_logits)
+    # p is (1, 0, 0) to float32 precision; log q_0 = -1e4, so KL = 1e4.
+    assert torch.isfinite(kl).all()
+    assert kl.item() == pytest.approx(1e4, rel=1e-6)
+    # softmax-then-log underflows to log(0) and reports +inf instead.
+    assert (
+        categorical_kl(p_logits.softmax(-1), q_logits.softmax(-1), validate=False).item()
+        == math.inf
+    )
+
+
+def test_from_logits_minus_inf_means_probability_zero():
+    neg_inf = -math.inf
+    p = torch.tensor([0.0, neg_inf])
+    q = torch.tensor([neg_inf, 0.0])
+    assert categorical_kl_from_logits(p, q).item() == math.inf
+    assert categorical_kl_from_logits(q, q).item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Broadcasting and dim
+# --------------------------------------------------------------------------------------------
+
+
+def test_any_dim_and_broadcasting():
+    g = torch.Generator().manual_seed(3)
+    p = _random_probs(4, 6, 5, generator=g)  # distributions along the last dim
+    q = _random_probs(6, 5, generator=g)  # one q per middle index, broadcast over the first
+    expected = categorical_kl(p, q.expand(4, 6, 5))
+    torch.testing.assert_close(categorical_kl(p, q), expected)
+    # The same numbers with the event dimension moved to the front.
+    torch.testing.assert_close(
+        categorical_kl(p.movedim(-1, 0), q.movedim(-1, 0).unsqueeze(1), dim=0), expected
+    )
+    torch.testing.assert_close(categorical_kl(p.movedim(-1, 1), q.movedim(-1, 0), dim=1), expected)
+    torch.testing.assert_close(entropy(p.movedim(-1, 1), dim=1), entropy(p))
+
+
+def test_event_dim_may_not_be_broadcast():
+    with pytest.raises(ValueError, match="'q'.*event size 3"):
+        categorical_kl(torch.full((2, 3), 1 / 3), torch.ones(2, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Properties
+# --------------------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(distribution_pairs())
+def test_property_nonnegative_with_pinsker_bound(pq):
+    # Gibbs' inequality, sharpened by Pinsker: KL(p||q) >= 0.5 * ||p - q||_1^2, so the KL is
+    # strictly positive whenever p != q.
+    p, q = pq
+    kl = categorical_kl(p, q).item()
+    assert kl >= 0.5 * (p - q).abs().sum().item() ** 2 - 1e-12
+
+
+@PROPERTY
+@given(distributions())
+def test_property_zero_iff_equal(p):
+    assert categorical_kl(p, p).item() == 0.0
+    shifted = torch.roll(p, 1)
+    if not torch.allclose(shifted, p):
+        assert categorical_kl(p, shifted).item() > 0
+
+
+def test_asymmetry_counterexample():
+    p = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    q = torch.tensor([0.9, 0.1], dtype=torch.float64)
+    forward = categorical_kl(p, q).item()  # 0.5 ln(5/9) + 0.5 ln 5 = 0.5 ln(25/9)
+    reverse = categorical_kl(q, p).item()  # 0.9 ln 1.8 + 0.1 ln 0.2
+    assert forward == pytest.approx(0.5 * math.log(25 / 9))
+    assert reverse == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2))
+    assert forward > reverse + 0.1
+
+
+def test_triangle_inequality_fails():
+    a = torch.tensor([0.9, 0.1], dtype=torch.float64)
+    b = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    c = torch.tensor([0.1, 0.9], dtype=torch.float64)
+    direct = categorical_kl(a, c).item()  # 0.8 ln 9 = 1.758
+    via_b = categorical_kl(a, b).item() + categorical_kl(b, c).item()  # 0.368 + 0.511
+    assert direct == pytest.approx(0.8 * math.log(9))
+    assert direct > via_b + 0.8
+
+
+@PROPERTY
+@given(distribution_pairs())
+def test_property_kl_is_cross_entropy_minus_entropy(pq):
+    p, q = pq
+    kl, ce, h = categorical_kl(p, q), cross_entropy(p, q), entropy(p)
+    if math.isinf(kl.item()):
+        assert math.isinf(ce.item())
+    else:
+        torch.testing.assert_close(kl, ce - h, rtol=1e-9, atol=1e-12)
+
+
+@PROPERTY
+@given(distribution_pairs(), distribution_pairs())
+def test_property_additive_over_independent_dims(pq1, pq2):
+    (p1, q1), (p2, q2) = pq1, pq2
+    joint_p = (p1[:, None] * p2[None, :]).flatten()
+    joint_q = (q1[:, None] * q2[None, :]).flatten()
+    total = categorical_kl(p1, q1) + categorical_kl(p2, q2)
+    joint = categorical_kl(joint_p, joint_q)
+    if math.isinf(total.item()):
+        assert math.isinf(joint.item())
+    else:
+        torch.testing.assert_close(joint, total, rtol=1e-9, atol=1e-12)
+
+
+@PROPERTY
+@given(distribution_pairs(), st.randoms(use_true_random=False))
+def test_property_invariant_under_a_shared_permutation(pq, rng):
+    p, q = pq
+    perm = list(range(p.numel()))
+    rng.shuffle(perm)
+    perm = torch.tensor(perm)
+    torch.testing.assert_close(
+        categorical_kl(p[perm], q[perm]), categorical_kl(p, q), rtol=1e-12, atol=1e-14
+    )
+    torch.testing.assert_close(entropy(p[perm]), entropy(p), rtol=1e-12, atol=1e-14)
+
+
+@PROPERTY
+@given(distribution_pairs())
+def test_property_matches_scipy(pq):
+    p, q = pq
+    expected = rel_entr(p.numpy(), q.numpy()).sum()
+    ours = categorical_kl(p, q).item()
+    assert ours == expected or ours == pytest.approx(expected, rel=1e-10, abs=1e-14)
+
+
+# --------------------------------------------------------------------------------------------
+# KLDivergence module
+# --------------------------------------------------------------------------------------------
+
+
+def test_kl_divergence_module_argument_order_and_reductions():
+    g = torch.Generator().manual_seed(4)
+    target = _random_probs(4, 3, 5, generator=g)  # (batch, time, classes)
+    predicted = _random_probs(4, 3, 5, generator=g)
+    per_row = categorical_kl(target, predicted)  # KL(target || predicted), shape (4, 3)
+    torch.testing.assert_close(KLDivergence("none")(target, predicted), per_row)
+    torch.testing.assert_close(KLDivergence("sum")(target, predicted), per_row.sum())
+    torch.testing.assert_close(KLDivergence("mean")(target, predicted), per_row.mean())
+    torch.testing.assert_close(KLDivergence()(target, predicted), per_row.sum() / 4)
+    # F.kl_div takes (log predicted, target): same batchmean number, opposite order.
+    torch.testing.assert_close(
+        KLDivergence()(target, predicted),
+        F.kl_div(predicted.log(), target, reduction="batchmean"),
+    )
+    # The order matters.
+    assert not torch.allclose(KLDivergence()(predicted, target), KLDivergence()(target, predicted))
+
+
+def test_kl_divergence_module_from_logits_distillation():
+    g = torch.Generator().manual_seed(5)
+    teacher = torch.randn(8, 10, generator=g, requires_grad=False)
+    student = torch.randn(8, 10, generator=g, requires_grad=True)
+    loss = KLDivergence(from_logits=True)(teacher, student)
+    expected = F.kl_div(
+        student.log_softmax(-1), teacher.log_softmax(-1), reduction="batchmean", log_target=True
+    )
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    # d/dstudent_logits of KL(t || softmax(s)) = softmax(s) - t, divided by the batch size.
+    torch.testing.assert_close(
+        student.grad, (student.softmax(-1) - teacher.softmax(-1)).detach() / 8
+    )
+
+
+def test_kl_divergence_module_label_smoothing_and_errors():
+    labels = torch.tensor([0, 2])
+    smooth = F.one_hot(labels, 3).double() * 0.9 + 0.1 / 3
+    predicted = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    expected = np.mean(
+        [rel_entr(s, p).sum() for s, p in zip(smooth.numpy(), predicted.numpy(), strict=True)]
+    )
+    assert KLDivergence()(smooth, predicted).item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="'reduction'"):
+        KLDivergence(reduction="avg")
+    with pytest.raises(ValueError, match="KLDivergence: argument 'predicted'"):
+        KLDivergence()(smooth, predicted * 2)
+    assert "batchmean" in repr(KLDivergence())

@@ -1,0 +1,258 @@
+"""Input checks shared by every function in :mod:`vae.losses`.
+
+Two kinds of check exist, and they cost very different amounts:
+
+* **Shape checks** (broadcastability, a valid ``dim``, a batch dimension) read only tensor
+  metadata. They are always on: they cost microseconds and never touch the data.
+* **Value checks** (NaN/Inf, negative probabilities, rows that do not sum to 1, Bernoulli
+  targets outside [0, 1], positive Cholesky diagonals) read the data and, on a GPU, force a
+  host-device synchronisation. They are on by default and are what the switch controls.
+
+The switch, from narrowest to widest scope:
+
+* ``validate=False`` on a single call;
+* ``with validation(False): ...`` for a block (the previous setting is restored on exit);
+* ``set_validation(False)`` for the whole process.
+
+``validate=None`` (the default of every public function) means "use the global setting".
+Every error is a :class:`ValueError` whose message starts with the function name and names
+the offending argument, so that the fix is obvious from the message alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "set_validation",
+    "validation_enabled",
+    "validation",
+    "should_validate",
+]
+
+_validation_enabled = True
+
+
+def set_validation(enabled: bool) -> None:
+    """Switch the value checks on or off for the whole process."""
+    global _validation_enabled
+    if not isinstance(enabled, bool):
+        raise ValueError(
+            f"set_validation: argument 'enabled' must be True or False, got {enabled!r}"
+        )
+    _validation_enabled = enabled
+
+
+def validation_enabled() -> bool:
+    """Whether value checks run when a function is called with ``validate=None``."""
+    return _validation_enabled
+
+
+@contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Context manager that sets the global switch and restores the previous value on exit."""
+    previous = _validation_enabled
+    set_validation(enabled)
+    try:
+        yield
+    finally:
+        set_validation(previous)
+
+
+def should_validate(validate: bool | None) -> bool:
+    """Resolve a per-call ``validate`` argument against the global switch."""
+    if validate is None:
+        return _validation_enabled
+    if not isinstance(validate, bool):
+        raise ValueError(f"argument 'validate' must be True, False or None, got {validate!r}")
+    return validate
+
+
+# --------------------------------------------------------------------------------------------
+# Shape checks (always on)
+# --------------------------------------------------------------------------------------------
+
+
+def require_tensor(fn: str, name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(
+            f"{fn}: argument '{name}' must be a torch.Tensor, got {type(x).__name__}; "
+            f"wrap it with torch.as_tensor(...)"
+        )
+    if not (x.is_floating_point() or x.is_complex()):
+        raise ValueError(
+            f"{fn}: argument '{name}' must have a floating-point dtype, got {x.dtype}; "
+            f"convert it with .float() or .double()"
+        )
+    return x
+
+
+def broadcast_shape(fn: str, **tensors: Tensor) -> torch.Size:
+    """The common broadcast shape of ``tensors``, or a ValueError that lists their shapes."""
+    try:
+        return torch.broadcast_shapes(*(t.shape for t in tensors.values()))
+    except RuntimeError:
+        shapes = ", ".join(f"'{n}' {tuple(t.shape)}" for n, t in tensors.items())
+        raise ValueError(
+            f"{fn}: arguments have shapes that do not broadcast: {shapes}; "
+            f"make the shapes equal or broadcastable"
+        ) from None
+
+
+def normalise_event_dim(fn: str, dim: int, shape: torch.Size, **tensors: Tensor) -> int:
+    """Turn ``dim`` into a negative index into ``shape`` and check every tensor spans it fully.
+
+    A distribution cannot be broadcast along its own event dimension: a size-1 "row" stretched
+    to K entries is not a probability vector over K outcomes, so that is an error.
+    """
+    ndim = len(shape)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"{fn}: argument 'dim' must be an int, got {dim!r}")
+    if ndim == 0 or not -ndim <= dim < ndim:
+        raise ValueError(
+            f"{fn}: argument 'dim'={dim} is out of range for inputs with {ndim} dimension(s); "
+            f"use a value in [{-ndim}, {ndim - 1}]"
+        )
+    negative_dim = dim - ndim if dim >= 0 else dim
+    size = shape[negative_dim]
+    for name, t in tensors.items():
+        if t.dim() < -negative_dim or t.shape[negative_dim] != size:
+            raise ValueError(
+                f"{fn}: argument '{name}' with shape {tuple(t.shape)} does not have the full "
+                f"event size {size} along dim={dim}; distributions must not be broadcast "
+                f"along their event dimension"
+            )
+    return negative_dim
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks (controlled by the switch)
+# --------------------------------------------------------------------------------------------
+
+
+def check_finite(fn: str, name: str, x: Tensor) -> None:
+    """Reject NaN and +-Inf."""
+    x = x.detach()
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise ValueError(
+            f"{fn}: argument '{name}' contains {n_nan} NaN and {n_inf} Inf value(s); "
+            f"inputs must be finite"
+        )
+
+
+def check_no_nan(fn: str, name: str, x: Tensor) -> None:
+    """Reject NaN only (used where an infinity carries meaning, e.g. -inf logits)."""
+    x = x.detach()
+    if bool(torch.isnan(x).any()):
+        raise ValueError(
+            f"{fn}: argument '{name}' contains {int(torch.isnan(x).sum())} NaN value(s)"
+        )
+
+
+def probability_tolerance(dtype: torch.dtype, event_size: int) -> float:
+    """Allowed |sum - 1| for a row of ``event_size`` probabilities in ``dtype``.
+
+    Summing K numbers each rounded to relative precision eps accumulates about K*eps of
+    error; sqrt(eps) is a floor loose enough for values produced by softmax in that dtype
+    (float32: 3.5e-4, float64: 1.5e-8) yet far below any real normalisation mistake.
+    """
+    eps = torch.finfo(dtype).eps
+    return max(math.sqrt(eps), 8.0 * event_size * eps)
+
+
+def check_probabilities(fn: str, name: str, p: Tensor, dim: int) -> None:
+    """Finite, non-negative, and summing to 1 along ``dim`` within a dtype-scaled tolerance."""
+    p = p.detach()
+    check_finite(fn, name, p)
+    minimum = float(p.min()) if p.numel() else 0.0
+    if minimum < 0:
+        raise ValueError(
+            f"{fn}: argument '{name}' has negative entries (min {minimum:.4g}); "
+            f"probabilities must be >= 0"
+        )
+    if p.numel() == 0:
+        return
+    tolerance = probability_tolerance(p.dtype, p.shape[dim])
+    # Sum in float64 so that the check itself adds no rounding error.
+    deviation = float((p.double().sum(dim) - 1.0).abs().max())
+    if deviation > tolerance:
+        raise ValueError(
+            f"{fn}: argument '{name}' has rows along dim={dim} that do not sum to 1 "
+            f"(largest |sum - 1| = {deviation:.3g}, tolerance {tolerance:.3g} for {p.dtype}); "
+            f"normalise it, e.g. p / p.sum(dim, keepdim=True), or pass logits to the "
+            f"*_from_logits variant"
+        )
+
+
+def check_logits(fn: str, name: str, logits: Tensor, dim: int) -> None:
+    """NaN and +inf are errors; -inf means probability 0, but a row needs one finite logit."""
+    logits = logits.detach()
+    check_no_nan(fn, name, logits)
+    if bool((logits == math.inf).any()):
+        raise ValueError(
+            f"{fn}: argument '{name}' contains +inf; logits must be finite or -inf (= probability 0)"
+        )
+    if logits.numel() and not bool(torch.isfinite(logits).any(dim).all()):
+        raise ValueError(
+            f"{fn}: argument '{name}' has a row along dim={dim} whose logits are all -inf; "
+            f"at least one outcome must have non-zero probability"
+        )
+
+
+def check_unit_interval(fn: str, name: str, x: Tensor) -> None:
+    """Finite and within [0, 1] (Bernoulli targets)."""
+    x = x.detach()
+    check_finite(fn, name, x)
+    if x.numel() == 0:
+        return
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"{fn}: argument '{name}' has values outside [0, 1] (min {lo:.4g}, max {hi:.4g}); "
+            f"Bernoulli targets must lie in [0, 1], e.g. pixel intensities divided by 255"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Checks on plain Python hyper-parameters (schedules, regularisers)
+# --------------------------------------------------------------------------------------------
+
+
+def require_number(owner: str, name: str, value: object, *, minimum: float = 0.0) -> float:
+    """A finite real number >= ``minimum``; returned as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # Hydra/YAML turns e.g. `1e-3` (no dot) into a string: say so.
+        raise ValueError(
+            f"{owner}: argument '{name}' must be a number, got {type(value).__name__} {value!r}"
+        )
+    value = float(value)
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(
+            f"{owner}: argument '{name}' must be a finite number >= {minimum:g}, got {value!r}"
+        )
+    return value
+
+
+def require_int(owner: str, name: str, value: object, *, minimum: int = 0) -> int:
+    """An integer >= ``minimum`` (floats with an integral value, e.g. 1000.0, are accepted)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = int(value.__index__())  # numpy and 0-d integer tensors
+        except (AttributeError, TypeError):
+            raise ValueError(
+                f"{owner}: argument '{name}' must be an integer, got "
+                f"{type(value).__name__} {value!r}"
+            ) from None
+    if value < minimum:
+        raise ValueError(f"{owner}: argument '{name}' must be >= {minimum}, got {value}")
+    return value
