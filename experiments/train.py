@@ -9,6 +9,7 @@ This file only wires objects together; the maths lives in ``vae.losses`` and ``v
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import shutil
@@ -26,14 +27,43 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
 
 
+def _group_choice(group: str, *, _root_: DictConfig) -> str:
+    """The option chosen for a config group (``${choice:model}`` -> ``vae``).
+
+    Read from the composed config's ``hydra`` node where present (this also works while a
+    multirun names its sweep directory, before HydraConfig is set), else from HydraConfig.
+    """
+    choices = OmegaConf.select(_root_, "hydra.runtime.choices")
+    if choices is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    return str(choices.get(group))
+
+
+def _dir_suffix(overrides: str, limit: int = 120) -> str:
+    """``_model.beta=4`` from Hydra's override_dirname: safe as one path component.
+
+    Slashes become dashes; an over-long suffix is cut and ends in a hash of the whole text,
+    so that distinct overrides still give distinct names.
+    """
+    if not overrides:
+        return ""
+    text = overrides.replace("/", "-")
+    if len(text) > limit:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+        text = f"{text[: limit - 9]}~{digest}"
+    return f"_{text}"
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_id"):
         # A short random id, cached so that every use within one config agrees.
         OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(2), use_cache=True)
+    if not OmegaConf.has_resolver("choice"):
+        OmegaConf.register_new_resolver("choice", _group_choice)
     if not OmegaConf.has_resolver("dir_suffix"):
-        OmegaConf.register_new_resolver(
-            "dir_suffix", lambda text: f"_{text}".replace("/", "-") if text else ""
-        )
+        OmegaConf.register_new_resolver("dir_suffix", _dir_suffix)
 
 
 _register_resolvers()

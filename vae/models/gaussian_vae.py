@@ -165,7 +165,7 @@ class GaussianVAE(LatentVariableModule):
         params, mu, logvar = self(x)
         recon_nll = self.reconstruction_nll(params, x)
         kl = gaussian_kl(mu, logvar, validate=False)
-        terms = compute_elbo(recon_nll, kl, self.regulariser, step)
+        terms = compute_elbo(recon_nll, kl, self.regulariser, step, validate=False)
         if not self.training:
             self._accumulate_validation_stats(mu, terms.kl_per_dim)
         return terms.loss, {

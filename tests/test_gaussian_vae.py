@@ -1,0 +1,107 @@
+"""The Gaussian VAE module: its loss against a hand computation, schedules, the non-finite guard."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from vae.losses import BetaKL, CapacityKL, FreeBitsKL, LinearWarmup
+from vae.models import GaussianVAE, NonFiniteLossError
+
+
+def _hand_loss(model: GaussianVAE, x: torch.Tensor, eps: torch.Tensor, beta: float):
+    """recon + beta * KL written out from the textbook formulas, in float64."""
+    mu, logvar = (t.double() for t in model.encode(x))
+    z = mu + torch.exp(0.5 * logvar) * eps.double()
+    logits = model.decode(z.float()).double()
+    p = torch.sigmoid(logits)
+    x = x.double()
+    recon = -(x * torch.log(p) + (1 - x) * torch.log(1 - p)).flatten(1).sum(1).mean()
+    kl = (0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(1).mean()
+    return recon, kl, recon + beta * kl
+
+
+def test_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    model = GaussianVAE(image_shape=(1, 4, 4), hidden_dims=[8], latent_dim=3, beta=2.5)
+    x = torch.bernoulli(torch.full((5, 1, 4, 4), 0.4))
+    torch.manual_seed(1)
+    loss, terms = model.compute_terms(x, step=0)
+    torch.manual_seed(1)
+    eps = torch.randn(5, 3)
+    recon, kl, total = _hand_loss(model, x, eps, beta=2.5)
+    terms = {k: float(v) for k, v in terms.items()}
+    assert terms["recon"] == pytest.approx(float(recon), rel=1e-5)
+    assert terms["kl"] == pytest.approx(float(kl), rel=1e-5)
+    assert float(loss) == pytest.approx(float(total), rel=1e-5)
+    assert terms["elbo"] == pytest.approx(-float(recon + kl), rel=1e-5)
+    assert terms["bits_per_dim"] == pytest.approx(-terms["elbo"] / (16 * math.log(2)))
+
+
+def test_gaussian_likelihood_with_learned_sigma_gets_gradient():
+    model = GaussianVAE(image_shape=(3, 8, 8), arch="conv", hidden_dims=[8, 16], latent_dim=2,
+                        likelihood="gaussian", learn_sigma=True)
+    loss, _ = model.compute_terms(torch.rand(4, 3, 8, 8), step=0)
+    loss.backward()
+    assert model.log_sigma.grad is not None and model.log_sigma.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, regulariser_type",
+    [
+        ({"kl_schedule": "linear", "warmup_steps": 10}, BetaKL),
+        ({"kl_schedule": "capacity"}, CapacityKL),
+        ({"free_bits": 0.5}, FreeBitsKL),
+    ],
+)
+def test_kl_schedule_selected_from_config(kwargs, regulariser_type):
+    model = GaussianVAE(image_shape=(1, 8, 8), **kwargs)
+    assert isinstance(model.regulariser, regulariser_type)
+
+
+def test_linear_warmup_beta_follows_the_step():
+    model = GaussianVAE(image_shape=(1, 8, 8), kl_schedule="linear", warmup_steps=10, beta=2.0)
+    x = torch.rand(4, 1, 8, 8).round()
+    assert model.compute_terms(x, step=0)[1]["beta"] == 0.0
+    assert model.compute_terms(x, step=5)[1]["beta"] == pytest.approx(1.0)
+    assert model.compute_terms(x, step=50)[1]["beta"] == pytest.approx(2.0)
+    assert isinstance(model.regulariser.schedule, LinearWarmup)
+
+
+def test_capacity_and_free_bits_together_is_an_error():
+    with pytest.raises(ValueError, match="model.free_bits"):
+        GaussianVAE(image_shape=(1, 8, 8), kl_schedule="capacity", free_bits=0.5)
+
+
+class _NaNAtStep(GaussianVAE):
+    """Returns a NaN reconstruction term from optimizer step ``bad_step`` on."""
+
+    bad_step = 6
+
+    def reconstruction_nll(self, params, x):
+        nll = super().reconstruction_nll(params, x)
+        if self.training and self.global_step >= self.bad_step:
+            nll = nll + float("nan")
+        return nll
+
+
+def test_nonfinite_loss_stops_with_term_and_step_and_keeps_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.rand(64, 1, 8, 8).round(), torch.zeros(64, dtype=torch.long))
+    model = _NaNAtStep(image_shape=(1, 8, 8), hidden_dims=[16], latent_dim=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+    trainer = pl.Trainer(
+        max_epochs=5, accelerator="cpu", logger=False, callbacks=[checkpoint],
+        enable_progress_bar=False, limit_val_batches=0,
+    )
+    with pytest.raises(NonFiniteLossError, match=r"non-finite recon .* step 6"):
+        trainer.fit(model, DataLoader(data, batch_size=16))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 6
+    weights = saved["state_dict"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
