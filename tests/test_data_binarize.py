@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vae.data import DigitsDataModule
+from vae.data.batching import ImageTensorDataset
 from vae.data.binarize import sample_binary
 
 
@@ -96,3 +97,13 @@ def test_eval_splits_are_binarized_once_with_a_fixed_seed(split):
     other_seed = make("dynamic", seed=4)
     assert torch.equal(first, getattr(other_seed, f"{split}_split").images)
     assert torch.equal(first, getattr(make("static"), f"{split}_split").images)
+
+
+def test_ddp_processes_draw_different_noise():
+    images, labels = torch.full((64, 1, 4, 4), 0.5), torch.zeros(64, dtype=torch.int64)
+    index = list(range(64))
+    rank0 = ImageTensorDataset(images, labels, resample_seed=1, process_rank=0)
+    rank1 = ImageTensorDataset(images, labels, resample_seed=1, process_rank=1)
+    again = ImageTensorDataset(images, labels, resample_seed=1, process_rank=0)
+    assert torch.equal(rank0.__getitems__(index)[0], again.__getitems__(index)[0])
+    assert not torch.equal(rank0.__getitems__(index)[0], rank1.__getitems__(index)[0])

@@ -64,14 +64,20 @@ class ImageTensorDataset(Dataset):
 
     With ``resample_seed`` set, every batch is a fresh ``Bernoulli(images[idx])`` draw
     (dynamic binarization). The draws come from a generator seeded with
-    ``(BINARIZE_TRAIN_STREAM, resample_seed)`` in the main process, or, inside a DataLoader
-    worker, with the worker's seed (which the DataLoader derives from its own seeded
-    generator). So a fresh run with the same seed and ``num_workers`` sees the same binary
-    images; the stream is not re-derived per epoch, so a resumed run draws different noise.
+    ``(BINARIZE_TRAIN_STREAM, resample_seed, process_rank)`` in the main process, plus the
+    worker's seed inside a DataLoader worker (the DataLoader derives it from its own seeded
+    generator). The rank keeps DDP processes from drawing the same noise for their
+    different examples. A fresh run with the same seed, ``num_workers`` and number of
+    processes sees the same binary images; the stream is not re-derived per epoch, so a
+    resumed run draws different noise.
     """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, resample_seed: int | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        resample_seed: int | None = None,
+        process_rank: int = 0,
     ) -> None:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
@@ -81,6 +87,7 @@ class ImageTensorDataset(Dataset):
         self.images = images
         self.labels = labels
         self.resample_seed = resample_seed
+        self.process_rank = process_rank
         self._generator: torch.Generator | None = None
         self._generator_key: int | None = None
 
@@ -93,7 +100,9 @@ class ImageTensorDataset(Dataset):
         key = -1 if worker is None else worker.seed % (2**63)
         if self._generator is None or self._generator_key != key:
             assert self.resample_seed is not None
-            keys = (self.resample_seed,) if worker is None else (self.resample_seed, key)
+            keys = (self.resample_seed, self.process_rank)
+            if worker is not None:
+                keys += (key,)
             self._generator = seeded_generator(BINARIZE_TRAIN_STREAM, *keys)
             self._generator_key = key
         return self._generator

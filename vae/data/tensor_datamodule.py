@@ -152,7 +152,10 @@ class InMemoryDataModule(L.LightningDataModule):
         seed = self.resolved_seed()
         split = self.train_split
         dataset = ImageTensorDataset(
-            split.images, split.labels, resample_seed=seed if self.binarize == "dynamic" else None
+            split.images,
+            split.labels,
+            resample_seed=seed if self.binarize == "dynamic" else None,
+            process_rank=self.trainer.global_rank if self.trainer is not None else 0,
         )
         return self._loader(dataset, EpochShuffleSampler(len(split), seed), seed)
 
