@@ -69,8 +69,12 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the configured model and return the final metrics (also written to metrics.json)."""
+def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
+    """Fit the configured model and return the final metrics (also written to metrics.json).
+
+    With ``test`` (default: the config's top-level ``test`` key) the fitted model is also
+    evaluated on the test split, adding ``test/*`` metrics.
+    """
     # Imports are deferred so that `--help` and config errors answer without loading torch.
     import lightning.pytorch as pl
     from hydra.utils import instantiate
@@ -104,6 +108,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     throughput = next((c for c in callbacks if hasattr(c, "samples_per_s")), None)
     if throughput is not None:
         metrics[tags.TRAIN_SAMPLES_PER_S] = throughput.samples_per_s
+    if test if test is not None else cfg.get("test", False):
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics.update(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        )
     metrics["epoch"] = trainer.current_epoch
     metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:

@@ -95,6 +95,13 @@ class LatentVariableModule(pl.LightningModule):
             self._val_batch_for_images = x[: self.num_images]
         return terms
 
+    def test_step(self, batch, batch_idx):
+        """The validation terms on the test split, logged as ``test/<name>`` epoch means."""
+        x = batch[0]
+        _, terms = self.compute_terms(x, step=self.global_step)
+        self.log_scalars("test", terms, self.val_scalar_names(), batch_size=x.shape[0])
+        return terms
+
     # --- guards ---------------------------------------------------------------------------------
     def raise_if_nonfinite(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> None:
         """Stop at the step where the loss stops being finite, naming the culprit term.
@@ -129,9 +136,15 @@ class LatentVariableModule(pl.LightningModule):
             logger.log_metrics(scalars, step=self.global_step)
 
     def log_val_scalars(self, terms: Mapping[str, torch.Tensor], batch_size: int) -> None:
-        for name in self.val_scalar_names():
+        self.log_scalars("val", terms, self.val_scalar_names(), batch_size=batch_size)
+
+    def log_scalars(
+        self, prefix: str, terms: Mapping[str, torch.Tensor], names: tuple[str, ...], batch_size: int
+    ) -> None:
+        """Epoch means (weighted by batch size, synced across processes) as ``prefix/name``."""
+        for name in names:
             self.log(
-                tags.tag("val", name),
+                tags.tag(prefix, name),
                 terms[name],
                 on_step=False,
                 on_epoch=True,
