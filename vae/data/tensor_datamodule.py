@@ -88,8 +88,10 @@ class InMemoryDataModule(L.LightningDataModule):
         self.train_split: ImageSplit | None = None
         self.val_split: ImageSplit | None = None
         self.test_split: ImageSplit | None = None
-        # Collects the init arguments of the subclass too, for the checkpoint and logger.
-        self.save_hyperparameters()
+        # Collects the init arguments of the subclass too, for the checkpoint. Not sent to the
+        # logger: the run logs its whole flattened config once (vae.tensorboard.log_hparams),
+        # and a second hparams record would compete for the HParams tab.
+        self.save_hyperparameters(logger=False)
 
     @abstractmethod
     def load_splits(self) -> tuple[ImageSplit, ImageSplit, ImageSplit]:
