@@ -96,7 +96,12 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    log_hparams(trainer.loggers, flatten_config(resolved), model.hparam_metric_tags())
+    hparams = {
+        key: value
+        for key, value in flatten_config(resolved).items()
+        if not key.startswith(("callbacks.", "logger.", "paths."))
+    }
+    log_hparams(trainer.loggers, hparams, model.hparam_metric_tags())
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics: dict[str, Any] = {

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.cli import last_line, load_events, run_cli, scalar_series
 from vae import tags
@@ -56,8 +57,16 @@ def test_every_contract_tag_reads_back(digits_run: Path):
         assert tag in found["images"], f"missing image {tag}"
     image = events.Images(tags.VAL_SAMPLES)[-1]
     assert image.width > 8 and image.height > 8
-    # The HParams plugin entry (config + metric names) is present.
-    assert "hparams" in events.PluginTagToContent("hparams") or events.PluginTagToContent("hparams")
+
+def test_hparams_hold_the_config_and_the_val_metrics(digits_run: Path):
+    records = load_events(digits_run).PluginTagToContent("hparams")
+    data = {k: plugin_data_pb2.HParamsPluginData.FromString(v) for k, v in records.items()}
+    session = data["_hparams_/session_start_info"].session_start_info
+    assert session.hparams["model.beta"].number_value == 1.0
+    assert session.hparams["model.latent_dim"].number_value == 8
+    assert session.hparams["seed"].number_value == 7
+    metric_tags = {m.name.tag for m in data["_hparams_/experiment"].experiment.metric_infos}
+    assert set(tags.VAE_VAL_SCALARS) <= metric_tags
 
 
 def test_kl_positive_and_elbo_improves(digits_run: Path):
