@@ -107,3 +107,17 @@ def test_ddp_processes_draw_different_noise():
     again = ImageTensorDataset(images, labels, resample_seed=1, process_rank=0)
     assert torch.equal(rank0.__getitems__(index)[0], again.__getitems__(index)[0])
     assert not torch.equal(rank0.__getitems__(index)[0], rank1.__getitems__(index)[0])
+
+
+def test_dynamic_noise_of_an_epoch_depends_only_on_seed_and_epoch():
+    """A run resumed at epoch 2 must see exactly the binary images of an uninterrupted run."""
+    uninterrupted = make("dynamic", seed=5).train_dataloader()
+    sampler = uninterrupted.sampler
+    batches = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches.append(next(iter(uninterrupted))[0])
+    resumed = make("dynamic", seed=5).train_dataloader()
+    resumed.sampler.set_epoch(2)
+    assert torch.equal(next(iter(resumed))[0], batches[2])
+    assert not torch.equal(batches[1], batches[2])

@@ -11,7 +11,7 @@ The sampler stays a plain per-example ``Sampler`` wrapped by the ``DataLoader``'
 ``DistributedSampler`` and keeps ``__getitems__``), so multi-GPU runs need no special case.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
@@ -32,13 +32,21 @@ class EpochShuffleSampler(Sampler[int]):
     fresh order every epoch.
     """
 
-    def __init__(self, num_examples: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        num_examples: int,
+        seed: int,
+        shuffle: bool = True,
+        on_epoch: Callable[[int], None] | None = None,
+    ) -> None:
         if num_examples <= 0:
             raise ValueError(f"num_examples must be positive, got {num_examples}")
         self.num_examples = num_examples
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        # Told the epoch whenever one starts (the dataset re-keys its binarization noise).
+        self.on_epoch = on_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -52,6 +60,8 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self.order(self.epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch)
         self.epoch += 1
         return iter(order.tolist())
 
@@ -68,8 +78,13 @@ class ImageTensorDataset(Dataset):
     worker's seed inside a DataLoader worker (the DataLoader derives it from its own seeded
     generator). The rank keeps DDP processes from drawing the same noise for their
     different examples. A fresh run with the same seed, ``num_workers`` and number of
-    processes sees the same binary images; the stream is not re-derived per epoch, so a
-    resumed run draws different noise.
+    processes sees the same binary images.
+
+    In the main process (``num_workers=0``, the default) the sampler calls
+    :meth:`start_epoch` as each epoch begins, and the stream is re-keyed with the epoch, so
+    epoch ``e``'s noise depends only on ``(seed, rank, e)``: a run resumed at an epoch boundary
+    draws exactly the noise of an uninterrupted run. Worker processes keep one stream per
+    worker (their copy of the dataset does not see the epoch).
     """
 
     def __init__(
@@ -90,6 +105,12 @@ class ImageTensorDataset(Dataset):
         self.process_rank = process_rank
         self._generator: torch.Generator | None = None
         self._generator_key: int | None = None
+        self._epoch: int | None = None
+
+    def start_epoch(self, epoch: int) -> None:
+        """Re-key the main-process binarization stream with ``epoch`` (see the class doc)."""
+        self._epoch = epoch
+        self._generator = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -103,6 +124,8 @@ class ImageTensorDataset(Dataset):
             keys = (self.resample_seed, self.process_rank)
             if worker is not None:
                 keys += (key,)
+            elif self._epoch is not None:
+                keys += (self._epoch,)
             self._generator = seeded_generator(BINARIZE_TRAIN_STREAM, *keys)
             self._generator_key = key
         return self._generator

@@ -159,7 +159,8 @@ class InMemoryDataModule(L.LightningDataModule):
             resample_seed=seed if self.binarize == "dynamic" else None,
             process_rank=self.trainer.global_rank if self.trainer is not None else 0,
         )
-        return self._loader(dataset, EpochShuffleSampler(len(split), seed), seed)
+        sampler = EpochShuffleSampler(len(split), seed, on_epoch=dataset.start_epoch)
+        return self._loader(dataset, sampler, seed)
 
     def _eval_loader(self, split: ImageSplit | None) -> DataLoader:
         self._require_setup()
