@@ -209,3 +209,13 @@ def test_cuda_inputs_stay_on_cuda_and_validation_works_there():
     assert gaussian_nll(p, p, torch.zeros(4, device="cuda")).device.type == "cuda"
     with pytest.raises(ValueError, match="'q' has negative"):
         categorical_kl(p, -p)
+
+
+def test_finite_check_survives_overflowing_sums_and_names_the_right_argument():
+    # The fast path sums each tensor; a sum that overflows must fall back to the exact check.
+    huge = torch.full((10,), 3e38)
+    assert torch.isinf(huge.sum())
+    # Accepted (every input is finite); the true KL, 4.5e76, overflows float32 to inf.
+    assert torch.isinf(gaussian_kl(huge, torch.zeros(10), validate=True)).all()
+    with pytest.raises(ValueError, match="'logvar' contains 0 NaN and 1 Inf"):
+        gaussian_kl(huge, torch.tensor([0.0] * 9 + [-INF]))

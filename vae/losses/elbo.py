@@ -31,7 +31,7 @@ from vae.losses.schedules import (
     LinearWarmup,
     Schedule,
 )
-from vae.losses.validation import check_finite, require_int, require_number, should_validate
+from vae.losses.validation import check_all_finite, require_int, require_number, should_validate
 
 __all__ = [
     "ELBOTerms",
@@ -297,8 +297,7 @@ def compute_elbo(
             f"'kl_elementwise' has {kl_elementwise.shape[0]}"
         )
     if should_validate(validate):
-        check_finite(fn, "recon_nll", recon_nll)
-        check_finite(fn, "kl_elementwise", kl_elementwise)
+        check_all_finite(fn, recon_nll=recon_nll, kl_elementwise=kl_elementwise)
     if isinstance(regulariser, (int, float)) and not isinstance(regulariser, bool):
         regulariser = BetaKL(regulariser)
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from vae.losses.numerics import expm1_minus_x, standard_normal_kl
 from vae.losses.validation import (
     broadcast_shape,
-    check_finite,
+    check_all_finite,
     check_logits,
     check_probabilities,
     normalise_event_dim,
@@ -112,8 +112,7 @@ def gaussian_kl(
         tensors["prior_logvar"] = prior_logvar = _as_parameter(fn, "prior_logvar", prior_logvar, mu)
     broadcast_shape(fn, **tensors)
     if should_validate(validate):
-        for name, t in tensors.items():
-            check_finite(fn, name, t)
+        check_all_finite(fn, **tensors)
 
     if prior_mu is None and prior_logvar is None:
         # The hot path of every VAE step: one fused autograd node (same formula).
@@ -181,8 +180,7 @@ def full_gaussian_kl(
     diag_q = scale_tril_q.diagonal(dim1=-2, dim2=-1)
     diag_p = scale_tril_p.diagonal(dim1=-2, dim2=-1)
     if should_validate(validate):
-        for name, t in args.items():
-            check_finite(fn, name, t)
+        check_all_finite(fn, **args)
         for name, diag in (("scale_tril_q", diag_q), ("scale_tril_p", diag_p)):
             if bool((diag <= 0).any()):
                 raise ValueError(
@@ -408,8 +406,7 @@ def mc_kl(
             f"{fn}: need at least 2 samples along dim={dim} for a standard error, got {num_samples}"
         )
     if should_validate(validate):
-        check_finite(fn, "log_q", log_q)
-        check_finite(fn, "log_p", log_p)
+        check_all_finite(fn, log_q=log_q, log_p=log_p)
     log_ratio = log_q - log_p
     std, mean = torch.std_mean(log_ratio, dim=sample_dim, correction=1)
     return MonteCarloKL(mean, std / math.sqrt(num_samples))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from vae.losses.validation import (
     broadcast_shape,
-    check_finite,
+    check_all_finite,
     check_unit_interval,
     require_tensor,
     should_validate,
@@ -70,11 +70,9 @@ def _prepare(
             + " must broadcast to the target's shape, not the other way round"
         )
     if should_validate(validate):
-        for name, t in tensors.items():
-            if name == "target" and fn == "bernoulli_nll":
-                check_unit_interval(fn, name, t)
-            else:
-                check_finite(fn, name, t)
+        check_all_finite(fn, **tensors)
+        if fn == "bernoulli_nll":
+            check_unit_interval(fn, "target", target)
     return tensors.get(scale_name) if scale_name is not None else None
 
 

@@ -139,21 +139,35 @@ def normalise_event_dim(fn: str, dim: int, shape: torch.Size, **tensors: Tensor)
 
 
 def check_finite(fn: str, name: str, x: Tensor) -> None:
-    """Reject NaN and +-Inf."""
-    x = x.detach()
-    # Fast path: NaN and +-Inf propagate through a sum, so a finite sum proves every entry
-    # finite with one cheap reduction. Only a non-finite sum (bad input, or overflow of a sum
-    # of huge finite values) pays for the elementwise check.
-    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+    """Reject NaN and +-Inf in one tensor."""
+    check_all_finite(fn, **{name: x})
+
+
+def check_all_finite(fn: str, **tensors: Tensor) -> None:
+    """Reject NaN and +-Inf in any of ``tensors``, naming the first offending argument.
+
+    Fast path: NaN and +-Inf propagate through sums, so one finite total (accumulated in
+    float64) proves every entry of every tensor finite, with one cheap reduction per tensor
+    and a single host-device synchronisation for all of them. Only a non-finite total (bad
+    input, or overflow of a sum of huge finite values) pays for the elementwise checks.
+    """
+    total = None
+    for t in tensors.values():
+        if t.numel():
+            s = t.detach().sum().double()
+            total = s if total is None else total + s
+    if total is None or bool(torch.isfinite(total)):
         return
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        raise ValueError(
-            f"{fn}: argument '{name}' contains {n_nan} NaN and {n_inf} Inf value(s); "
-            f"inputs must be finite"
-        )
+    for name, x in tensors.items():
+        x = x.detach()
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            n_nan = int(torch.isnan(x).sum())
+            n_inf = int((~finite).sum()) - n_nan
+            raise ValueError(
+                f"{fn}: argument '{name}' contains {n_nan} NaN and {n_inf} Inf value(s); "
+                f"inputs must be finite"
+            )
 
 
 def check_no_nan(fn: str, name: str, x: Tensor) -> None:
