@@ -88,9 +88,9 @@ def gaussian_kl(
     Why this form: the variance term e^d - 1 - d is ~d^2/2 near the prior, and the textbook
     ``exp(d) - 1 - d`` (or torch.distributions' ``r - 1 - log r``) cancels catastrophically
     there: its error is ~eps whatever d is, so it can return 0 or a negative KL in float32.
-    It is evaluated by :func:`vae.losses.numerics.expm1_minus_x` (expm1 on GPU, a short
-    series on CPU) with a small relative error: the result is >= 0 in every dtype and exactly
-    0 at the prior. It is finite with finite gradients for logvar in [-30, 30] in float32
+    It is evaluated by :func:`vae.losses.numerics.expm1_minus_x` (expm1 on GPU and for small
+    tensors, a short series for large CPU tensors), accurately: the result is >= 0 in every
+    dtype and exactly 0 at the prior. It is finite with finite gradients for logvar in [-30, 30] in float32
     (exp(30) = 1.1e13); the gradients are dKL/dmu = (mu - prior_mu) * exp(-prior_logvar) and
     dKL/dlogvar = 0.5 * expm1(d).
 
