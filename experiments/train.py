@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +43,53 @@ def _group_choice(group: str, *, _root_: DictConfig) -> str:
     return str(choices.get(group))
 
 
-def _dir_suffix(overrides: str, limit: int = 120) -> str:
-    """``_model.beta=4`` from Hydra's override_dirname: safe as one path component.
+# Characters that Hydra's override grammar (and shells) would need quoted in a later
+# `ckpt_path=<run dir>/checkpoints/last.ckpt`, mapped to ones that need no quoting.
+_PATH_SAFE = str.maketrans({"/": "-", "=": "-", ",": "+", "[": None, "]": None, " ": None,
+                            "'": None, '"': None, "(": None, ")": None, "{": None, "}": None})
 
-    Slashes become dashes; an over-long suffix is cut and ends in a hash of the whole text,
-    so that distinct overrides still give distinct names.
+
+def _dir_suffix(overrides: str, limit: int = 120) -> str:
+    """``_model.beta-4__model.latent_dim-16`` from Hydra's override_dirname (``kv_sep: -``,
+    ``item_sep: __``): one path component that can be pasted unquoted into ``ckpt_path=``.
+
+    An over-long suffix is cut and ends in a hash of the whole text, so that distinct
+    overrides still give distinct names.
     """
     if not overrides:
         return ""
-    text = overrides.replace("/", "-")
+    text = overrides.translate(_PATH_SAFE)
     if len(text) > limit:
         digest = hashlib.sha1(text.encode()).hexdigest()[:8]
         text = f"{text[: limit - 9]}~{digest}"
     return f"_{text}"
 
 
+def _resume_dir(ckpt_path: str | None, new_run_dir: str) -> str:
+    """Where a run writes: the checkpoint's own run directory when resuming from
+    ``<run>/checkpoints/*.ckpt``, else a new directory."""
+    if ckpt_path:
+        checkpoint = Path(ckpt_path).expanduser().resolve()
+        if checkpoint.parent.name == "checkpoints":
+            return str(checkpoint.parent.parent)
+    return new_run_dir
+
+
+def _config_subdir(ckpt_path: str | None) -> str:
+    """Hydra's config folder: ``.hydra`` for a new run; a resumed run keeps the original
+    ``.hydra/config.yaml`` and records its own under ``.hydra/resume_<time>``."""
+    if ckpt_path and Path(ckpt_path).expanduser().resolve().parent.name == "checkpoints":
+        return f".hydra/resume_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+    return ".hydra"
+
+
 def _register_resolvers() -> None:
+    for name, function in (("resume_dir", _resume_dir), ("config_subdir", _config_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function, use_cache=True)
     if not OmegaConf.has_resolver("run_id"):
         # A short random id, cached so that every use within one config agrees.
-        OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(2), use_cache=True)
+        OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True)
     if not OmegaConf.has_resolver("choice"):
         OmegaConf.register_new_resolver("choice", _group_choice)
     if not OmegaConf.has_resolver("dir_suffix"):
@@ -80,6 +110,7 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from vae import tags
+    from vae.checkpoints import AtomicCheckpointIO, check_compatible, read_checkpoint
     from vae.config import validate_config
     from vae.runs import write_metrics
     from vae.tensorboard import flatten_config, log_hparams
@@ -91,18 +122,30 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    model.configure_guard(**(cfg.get("trainer_guard") or {}))
+    ckpt_path = cfg.get("ckpt_path")
+    resume_step = None
+    if ckpt_path:
+        checkpoint = read_checkpoint(ckpt_path)
+        check_compatible(checkpoint, model, path=str(ckpt_path))
+        resume_step = int(checkpoint.get("global_step", 0))
+        del checkpoint
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    hparams = {
-        key: value
-        for key, value in flatten_config(resolved).items()
-        if not key.startswith(("callbacks.", "logger.", "paths."))
-    }
-    log_hparams(trainer.loggers, hparams, model.hparam_metric_tags())
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    loggers = [_build_logger(c, resume_step) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
+
+    if resume_step is None:  # a resumed run already has its HParams record
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        hparams = {
+            key: value
+            for key, value in flatten_config(resolved).items()
+            if not key.startswith(("callbacks.", "logger.", "paths."))
+        }
+        log_hparams(trainer.loggers, hparams, model.hparam_metric_tags())
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics: dict[str, Any] = {
         key: float(value)
@@ -118,6 +161,7 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         metrics.update(
             {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         )
+    metrics[tags.TRAIN_SKIPPED_BATCHES] = model.guard.skipped_batches
     metrics["epoch"] = trainer.current_epoch
     metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:
@@ -125,6 +169,16 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.finalize("success")
     return metrics
+
+
+def _build_logger(logger_cfg: DictConfig, resume_step: int | None):
+    """Instantiate one logger. A resumed TensorBoard run hides the events written after the
+    checkpoint (steps > its global step), so curves have no duplicated steps."""
+    from hydra.utils import instantiate
+
+    if resume_step is not None and str(logger_cfg.get("_target_", "")).endswith("TensorBoardLogger"):
+        return instantiate(logger_cfg, purge_step=resume_step + 1)
+    return instantiate(logger_cfg)
 
 
 def _discard_unused_run_dir(run_dir: Path) -> None:
@@ -142,13 +196,18 @@ def _discard_unused_run_dir(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from vae.checkpoints import CheckpointError
     from vae.config import ConfigError
     from vae.data import DatasetNotFoundError
+    from vae.models import NonFiniteLossError
 
     run_dir = Path(cfg.paths.output_dir)
     try:
         metrics = train(cfg)
-    except (ConfigError, DatasetNotFoundError) as err:
+    except NonFiniteLossError as err:
+        print(f"vae-train: error: {err}\nRun directory: {run_dir}", file=sys.stderr)
+        sys.exit(3)
+    except (ConfigError, DatasetNotFoundError, CheckpointError) as err:
         _discard_unused_run_dir(run_dir)
         print(f"vae-train: error: {err}", file=sys.stderr)
         sys.exit(2)

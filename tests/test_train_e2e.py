@@ -114,8 +114,8 @@ def test_multirun_gives_one_directory_per_job(tmp_path: Path):
     metrics_files = sorted((tmp_path / "logs").rglob("metrics.json"))
     assert len(metrics_files) == 2, proc.stdout
     names = sorted(p.parent.name for p in metrics_files)
-    assert names[0].startswith("0_") and "model.beta=0.5" in names[0], names
-    assert names[1].startswith("1_") and "model.beta=4" in names[1], names
+    assert names[0].startswith("0_") and "model.beta-0.5" in names[0], names
+    assert names[1].startswith("1_") and "model.beta-4" in names[1], names
     # Both jobs sit under one sweep folder of the run name, next to single runs.
     assert metrics_files[0].parent.parent == metrics_files[1].parent.parent
     betas = sorted(json.loads(p.read_text())[tags.TRAIN_BETA] for p in metrics_files)

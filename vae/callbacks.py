@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
 
 
 class TrainThroughput(pl.Callback):
@@ -56,3 +59,39 @@ class TrainThroughput(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.samples = state_dict.get("samples", 0)
         self.seconds = state_dict.get("seconds", 0.0)
+
+
+class RNGStates(pl.Callback):
+    """Saves the Python, NumPy and torch (CPU and CUDA) RNG states in every checkpoint and
+    restores them when training resumes, so the reparameterisation noise after a resume is the
+    noise the uninterrupted run would have drawn.
+
+    The states are re-applied in ``on_train_start``, after Lightning's sanity check (which runs
+    under its own isolated RNG) and just before the first resumed batch.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        state = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._pending is None:
+            return
+        random.setstate(self._pending["python"])
+        np.random.set_state(self._pending["numpy"])
+        torch.set_rng_state(self._pending["torch"])
+        if "cuda" in self._pending and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self._pending["cuda"])
+        self._pending = None

@@ -35,3 +35,106 @@ IMAGES = (VAL_RECONSTRUCTIONS, VAL_SAMPLES)
 def tag(prefix: str, name: str) -> str:
     """``tag("val", "kl") == "val/kl"``: build a tag from a split prefix and a term name."""
     return f"{prefix}/{name}"
+
+# Reliability
+TRAIN_SKIPPED_BATCHES = "train/skipped_batches"  # non-finite batches skipped (trainer_guard)
+
+
+# VQ-VAE (vae.models.VQVAE). vq_loss and commitment are squared distances in latent units per
+# example (summed over positions and code dimensions), not nats; see vae.losses.vq.
+#   train/vq_loss      codebook + beta * commitment: what the quantizer adds to the loss
+#   train/commitment   ||z - sg(e)||^2, before beta
+#   train/perplexity   exp(entropy) of this step's code histogram (effective codes in use)
+#   train/dead_codes   codes unused for model.dead_code_threshold steps, found at this step
+#   train/restarted_codes  all dead-code restarts so far (its slope is the restart rate)
+#   train/kl, val/kl   the rate against the uniform prior: latent positions x log K nats
+#   val/perplexity, val/codebook_usage  from the code histogram of the whole validation epoch
+#   val/mse            mean squared error per pixel between the decoder mean and x
+TRAIN_VQ_LOSS = "train/vq_loss"
+TRAIN_COMMITMENT = "train/commitment"
+TRAIN_PERPLEXITY = "train/perplexity"
+TRAIN_DEAD_CODES = "train/dead_codes"
+TRAIN_RESTARTED_CODES = "train/restarted_codes"
+VAL_PERPLEXITY = "val/perplexity"
+VAL_CODEBOOK_USAGE = "val/codebook_usage"
+VAL_MSE = "val/mse"
+VAL_CODE_HISTOGRAM = "val/code_histogram"  # image: one bar per code, sorted by use
+
+VQVAE_TRAIN_SCALARS = (
+    TRAIN_LOSS,
+    TRAIN_RECON,
+    TRAIN_VQ_LOSS,
+    TRAIN_COMMITMENT,
+    TRAIN_PERPLEXITY,
+    TRAIN_DEAD_CODES,
+    TRAIN_RESTARTED_CODES,
+    TRAIN_KL,
+)
+VQVAE_VAL_SCALARS = (
+    VAL_LOSS,
+    VAL_RECON,
+    VAL_KL,
+    VAL_ELBO,
+    VAL_BITS_PER_DIM,
+    VAL_MSE,
+    VAL_PERPLEXITY,
+    VAL_CODEBOOK_USAGE,
+)
+VQVAE_IMAGES = (*IMAGES, VAL_CODE_HISTOGRAM)
+
+# VQ-VAE prior (vae.models.VQVAEPrior, second stage). Same names as the VAE's, for one axis:
+#   train/kl, val/kl   -log p(codes) under the learned prior: KL(one-hot q || prior), nats
+#   val/elbo           -(recon + kl), a lower bound on log p(x) of VQ-VAE + prior
+#   val/bits_per_dim   -val/elbo / (pixels x ln 2)
+VQVAE_PRIOR_TRAIN_SCALARS = (TRAIN_LOSS, TRAIN_KL)
+VQVAE_PRIOR_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_BITS_PER_DIM)
+
+# Test split, written by `vae-eval` (vae.eval.suite) into the run's TensorBoard and metrics.json.
+#   test/nll_iw          -log (1/k) sum_i p(x, z_i) / q(z_i|x), k = test/importance_samples (nats)
+#   test/elbo            -(test/recon + test/kl), exact KL, k-sample reconstruction term (nats)
+#   test/bits_per_dim    test/nll_iw / (pixels x ln 2); for a VQ-VAE prior: -test/elbo / (...)
+#   test/active_units    units with Var_x(E_q[z_d]) > 0.01 (Burda et al. 2016)
+#   test/kl_per_dim      histogram in TensorBoard, a list (nats per dimension) in metrics.json
+#   test/recon_mse       VQ-VAE: mean squared error per pixel of the decoder mean
+#   test/perplexity, test/codebook_usage  VQ-VAE: from the code histogram of the whole split
+#   test/label_kl        KL(predicted labels of samples || labels of the split), nats
+#   test/classifier_score  exp(E_x KL(p(y|x) || p(y))) of samples; *_real: of the split's images
+#   test/classifier_accuracy  accuracy of that classifier on the split's images
+#   test/fid             only where Inception weights are installed
+#   test/num_examples, test/importance_samples, test/num_samples  the protocol of the numbers
+TEST_LOSS = "test/loss"
+TEST_NLL_IW = "test/nll_iw"
+TEST_ELBO = "test/elbo"
+TEST_RECON = "test/recon"
+TEST_KL = "test/kl"
+TEST_KL_PER_DIM = "test/kl_per_dim"
+TEST_BITS_PER_DIM = "test/bits_per_dim"
+TEST_ACTIVE_UNITS = "test/active_units"
+TEST_RECON_MSE = "test/recon_mse"
+TEST_PERPLEXITY = "test/perplexity"
+TEST_CODEBOOK_USAGE = "test/codebook_usage"
+TEST_LABEL_KL = "test/label_kl"
+TEST_CLASSIFIER_SCORE = "test/classifier_score"
+TEST_CLASSIFIER_SCORE_REAL = "test/classifier_score_real"
+TEST_CLASSIFIER_ACCURACY = "test/classifier_accuracy"
+TEST_FID = "test/fid"
+TEST_NUM_EXAMPLES = "test/num_examples"
+TEST_IMPORTANCE_SAMPLES = "test/importance_samples"
+TEST_NUM_SAMPLES = "test/num_samples"
+
+VAE_TEST_SCALARS = (
+    TEST_NLL_IW,
+    TEST_ELBO,
+    TEST_RECON,
+    TEST_KL,
+    TEST_BITS_PER_DIM,
+    TEST_ACTIVE_UNITS,
+)
+VQVAE_TEST_SCALARS = (TEST_RECON_MSE, TEST_RECON, TEST_PERPLEXITY, TEST_CODEBOOK_USAGE)
+SAMPLE_SCORE_SCALARS = (
+    TEST_LABEL_KL,
+    TEST_CLASSIFIER_SCORE,
+    TEST_CLASSIFIER_SCORE_REAL,
+    TEST_CLASSIFIER_ACCURACY,
+)
+TEST_HISTOGRAMS = (TEST_KL_PER_DIM,)

@@ -7,6 +7,7 @@ reconstruct and sample; everything that touches the trainer or the loggers lives
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,6 +33,38 @@ def _to_float(value: torch.Tensor | float) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
+@dataclass
+class NonFiniteGuard:
+    """What to do when a loss or gradient is NaN/inf (Hydra keys ``trainer_guard.*``).
+
+    Attributes:
+        skip_nonfinite: skip such a batch (no optimizer step) and count it in
+            ``skipped_batches`` instead of stopping.
+        check_gradients: also check gradient norms before each optimizer step.
+        inject_nan_term, inject_nan_step: fault injection for tests: from that step on, the
+            named loss term is NaN.
+    """
+
+    skip_nonfinite: bool = False
+    check_gradients: bool = True
+    inject_nan_term: str | None = None
+    inject_nan_step: int | None = None
+    skipped_batches: int = 0
+
+    def maybe_inject(self, loss, terms, step: int):
+        if self.inject_nan_term is None or self.inject_nan_step is None:
+            return loss, terms
+        if step < self.inject_nan_step:
+            return loss, terms
+        if self.inject_nan_term not in terms:
+            raise ValueError(
+                f"trainer_guard.inject_nan_term={self.inject_nan_term!r} is not a loss term; "
+                f"choose one of {sorted(terms)}"
+            )
+        poisoned = terms[self.inject_nan_term] * float("nan")
+        return loss + poisoned, {**terms, self.inject_nan_term: poisoned}
+
+
 class LatentVariableModule(pl.LightningModule):
     """Base LightningModule.
 
@@ -52,8 +85,24 @@ class LatentVariableModule(pl.LightningModule):
         super().__init__()
         self.optimizer_factory = optimizer
         self.num_images = num_images
-        self.last_train_scalars: dict[str, float] = {}
+        self._latest_train_terms: Mapping[str, torch.Tensor | float] | None = None
         self._val_batch_for_images: torch.Tensor | None = None
+        self.guard = NonFiniteGuard()
+
+    def configure_guard(
+        self,
+        skip_nonfinite: bool = False,
+        check_gradients: bool = True,
+        inject_nan_term: str | None = None,
+        inject_nan_step: int | None = None,
+    ) -> None:
+        """Set the non-finite policy (Hydra keys ``trainer_guard.*``; see ``NonFiniteGuard``)."""
+        self.guard = NonFiniteGuard(
+            skip_nonfinite=skip_nonfinite,
+            check_gradients=check_gradients,
+            inject_nan_term=inject_nan_term,
+            inject_nan_step=inject_nan_step,
+        )
 
     # --- subclass interface -------------------------------------------------------------
     def compute_terms(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -82,10 +131,39 @@ class LatentVariableModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x = batch[0]
         loss, terms = self.compute_terms(x, step=self.global_step)
-        self.raise_if_nonfinite(loss, terms)
+        loss, terms = self.guard.maybe_inject(loss, terms, self.global_step)
+        if not bool(torch.isfinite(loss)):  # one host sync per step
+            if self.guard.skip_nonfinite:
+                self.guard.skipped_batches += 1
+                return None  # Lightning skips backward and the optimizer step
+            self.raise_nonfinite(loss, terms)
+        self._latest_train_terms = terms  # for metrics.json; converted only when read
         if self._should_log_train_step():
             self.log_train_scalars(terms)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop (or skip the step) when a gradient is NaN/inf, naming the parameter."""
+        if not self.guard.check_gradients:
+            return
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        total = torch.nn.utils.get_total_norm([g for _, g in named])  # NaN/inf if any is
+        if bool(torch.isfinite(total)):
+            return
+        culprit = next(n for n, g in named if not bool(torch.isfinite(g).all()))
+        if self.guard.skip_nonfinite:
+            self.guard.skipped_batches += 1
+            for parameter in self.parameters():
+                parameter.grad = None  # the optimizer leaves parameters without grads alone
+            return
+        raise NonFiniteLossError(
+            f"non-finite gradient of {culprit} at training step {self.global_step} "
+            f"(epoch {self.current_epoch}). Training stopped; the last good checkpoint is kept "
+            "in the run's checkpoints/ folder. Try trainer.gradient_clip_val=1.0, a lower "
+            "model.lr, or trainer_guard.skip_nonfinite=true to skip such batches."
+        )
 
     def validation_step(self, batch, batch_idx):
         x = batch[0]
@@ -103,13 +181,8 @@ class LatentVariableModule(pl.LightningModule):
         return terms
 
     # --- guards ---------------------------------------------------------------------------------
-    def raise_if_nonfinite(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> None:
-        """Stop at the step where the loss stops being finite, naming the culprit term.
-
-        One host sync per step (``bool(isfinite)``); the search for the term runs only on failure.
-        """
-        if bool(torch.isfinite(loss)):
-            return
+    def raise_nonfinite(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> None:
+        """Stop at the step where the loss stopped being finite, naming the culprit term."""
         checked = {name: terms[name] for name in self.guarded_terms if name in terms}
         culprit = first_nonfinite_term(checked) or "loss"
         value = terms.get(culprit, loss)
@@ -117,23 +190,35 @@ class LatentVariableModule(pl.LightningModule):
             f"non-finite {culprit} ({float(value.detach().float().mean())}) at training step "
             f"{self.global_step} (epoch {self.current_epoch}). Training stopped; the last good "
             "checkpoint is kept in the run's checkpoints/ folder. Try a lower model.lr, gradient "
-            "clipping (trainer.gradient_clip_val=1.0) or model.logvar_clamp=[-10,10]."
+            "clipping (trainer.gradient_clip_val=1.0), model.logvar_clamp=[-10,10], or "
+            "trainer_guard.skip_nonfinite=true to skip such batches."
         )
 
     # --- logging: the one place that writes -----------------------------------------------
+    # Train scalars are written at step = global_step + 1, the optimizer steps completed once
+    # this batch's step is taken (Lightning's own convention). Validation at the end of an
+    # epoch is written at global_step, so everything logged before a checkpoint at step G has
+    # step <= G and everything after it > G: a resumed run purges exactly the stale tail.
     def _should_log_train_step(self) -> bool:
         every = max(1, int(self.trainer.log_every_n_steps or 1)) if self._trainer else 1
-        return self.global_step % every == 0
+        return (self.global_step + 1) % every == 0
 
     def log_train_scalars(self, terms: Mapping[str, torch.Tensor | float]) -> None:
-        scalars = {
-            tags.tag("train", name): _to_float(terms[name]) for name in self.train_scalar_names()
-        }
-        self.last_train_scalars = scalars
+        scalars = self._train_scalars(terms)
         if self._trainer is None:
             return
         for logger in self.loggers:
-            logger.log_metrics(scalars, step=self.global_step)
+            logger.log_metrics(scalars, step=self.global_step + 1)
+
+    def _train_scalars(self, terms: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+        return {tags.tag("train", n): _to_float(terms[n]) for n in self.train_scalar_names()}
+
+    @property
+    def last_train_scalars(self) -> dict[str, float]:
+        """``train/*`` values of the most recent training step (logged or not)."""
+        if self._latest_train_terms is None:
+            return {}
+        return self._train_scalars(self._latest_train_terms)
 
     def log_val_scalars(self, terms: Mapping[str, torch.Tensor], batch_size: int) -> None:
         self.log_scalars("val", terms, self.val_scalar_names(), batch_size=batch_size)
@@ -185,6 +270,14 @@ class LatentVariableModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_val_images()
         self._val_batch_for_images = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the class, so that loading into another model fails with a clear message."""
+        checkpoint["model_class"] = type(self).__qualname__
+        checkpoint["skipped_batches"] = self.guard.skipped_batches
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.skipped_batches = int(checkpoint.get("skipped_batches", 0))
 
     def hparam_metric_tags(self) -> tuple[str, ...]:
         """Tags the HParams tab shows next to each run's config (their final values)."""

@@ -252,8 +252,10 @@ class GaussianVAE(LatentVariableModule):
 
     # --- KL schedule state travels with the checkpoint ---------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["kl_regulariser"] = self.regulariser.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "kl_regulariser" in checkpoint:
             self.regulariser.load_state_dict(checkpoint["kl_regulariser"])

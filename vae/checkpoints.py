@@ -1,0 +1,127 @@
+"""Checkpoints that survive crashes and refuse to load into the wrong model.
+
+* :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file in the same folder,
+  fsyncs it and renames it over the target, so a process killed while saving leaves the
+  previous ``last.ckpt`` whole. (Lightning's own writer stages the file through fsspec, whose
+  temporary file may live on another filesystem, where the final move is a copy.)
+* :func:`read_checkpoint` turns a missing, truncated or corrupted file into one clear
+  :class:`CheckpointError`.
+* :func:`check_compatible` compares a checkpoint with the model about to load it and names
+  the differing config keys and tensors, instead of a bare ``size mismatch`` traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+# Model keys that may differ on resume (they do not change the weights' meaning).
+RESUMABLE_CHANGES = frozenset({"lr", "num_images"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: missing, unreadable, or from a different model/config."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU, or raise :class:`CheckpointError` saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if path.parent.is_dir():
+            present = sorted(p.name for p in path.parent.glob("*.ckpt"))
+            hint = f" Checkpoints in {path.parent}: {present or 'none'}."
+        raise CheckpointError(f"ckpt_path={path} does not exist.{hint}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(
+            f"ckpt_path={path} is truncated or corrupted and cannot be read "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            "Use another checkpoint, e.g. the best-*.ckpt next to it."
+        ) from None
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"ckpt_path={path} is not a Lightning checkpoint of this project (no 'state_dict')."
+        )
+    return dict(checkpoint)
+
+
+def check_compatible(checkpoint: Mapping[str, Any], model: torch.nn.Module, path: str = "") -> None:
+    """Raise :class:`CheckpointError` if ``checkpoint`` was not made by a model like ``model``.
+
+    Checks, in order: the model class, the model's config keys (all but
+    ``RESUMABLE_CHANGES``), then every tensor name and shape of the state dict.
+    """
+    where = f"ckpt_path={path}: " if path else ""
+    saved_class = checkpoint.get("model_class")
+    if saved_class is not None and saved_class != type(model).__qualname__:
+        raise CheckpointError(
+            f"{where}the checkpoint holds a {saved_class}, but the config builds a "
+            f"{type(model).__qualname__}. Use the same model=... as the original run."
+        )
+    saved_hparams = checkpoint.get("hyper_parameters") or {}
+    current = dict(getattr(model, "hparams", {}))
+    differing = [
+        f"model.{key}: checkpoint {saved_hparams[key]!r}, config {current[key]!r}"
+        for key in sorted(set(saved_hparams) & set(current))
+        if key not in RESUMABLE_CHANGES and _normalise(saved_hparams[key]) != _normalise(current[key])
+    ]
+    if differing:
+        raise CheckpointError(
+            f"{where}the checkpoint was made with a different model config:\n  "
+            + "\n  ".join(differing)
+            + "\nRepeat the original run's model overrides (see .hydra/overrides.yaml in its run "
+            "directory)."
+        )
+    saved_state = checkpoint["state_dict"]
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(saved_state))]
+    problems += [f"unexpected {k}" for k in sorted(set(saved_state) - set(expected))]
+    problems += [
+        f"{k}: checkpoint {tuple(saved_state[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in saved_state and tuple(saved_state[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise CheckpointError(
+            f"{where}the checkpoint's weights do not fit this model:\n  " + "\n  ".join(shown)
+        )
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose writes are atomic on a local filesystem."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return read_checkpoint(path)
