@@ -28,6 +28,10 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 log = logging.getLogger(__name__)
 
+# Names this process's resume attempt (config folder and log), fixed once per process so that
+# every place that resolves it agrees.
+_ATTEMPT = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+
 
 def _group_choice(group: str, *, _root_: DictConfig) -> str:
     """The option chosen for a config group (``${choice:model}`` -> ``vae``).
@@ -45,8 +49,22 @@ def _group_choice(group: str, *, _root_: DictConfig) -> str:
 
 # Characters that Hydra's override grammar (and shells) would need quoted in a later
 # `ckpt_path=<run dir>/checkpoints/last.ckpt`, mapped to ones that need no quoting.
-_PATH_SAFE = str.maketrans({"/": "-", "=": "-", ",": "+", "[": None, "]": None, " ": None,
-                            "'": None, '"': None, "(": None, ")": None, "{": None, "}": None})
+_PATH_SAFE = str.maketrans(
+    {
+        "/": "-",
+        "=": "-",
+        ",": "+",
+        "[": None,
+        "]": None,
+        " ": None,
+        "'": None,
+        '"': None,
+        "(": None,
+        ")": None,
+        "{": None,
+        "}": None,
+    }
+)
 
 
 def _dir_suffix(overrides: str, limit: int = 120) -> str:
@@ -79,12 +97,16 @@ def _config_subdir(ckpt_path: str | None) -> str:
     """Hydra's config folder: ``.hydra`` for a new run; a resumed run keeps the original
     ``.hydra/config.yaml`` and records its own under ``.hydra/resume_<time>``."""
     if ckpt_path and Path(ckpt_path).expanduser().resolve().parent.name == "checkpoints":
-        return f".hydra/resume_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+        return f".hydra/resume_{_ATTEMPT}"
     return ".hydra"
 
 
 def _register_resolvers() -> None:
-    for name, function in (("resume_dir", _resume_dir), ("config_subdir", _config_subdir)):
+    for name, function in (
+        ("resume_dir", _resume_dir),
+        ("config_subdir", _config_subdir),
+        ("log_file_name", _log_file_name),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function, use_cache=True)
     if not OmegaConf.has_resolver("run_id"):
@@ -176,18 +198,39 @@ def _build_logger(logger_cfg: DictConfig, resume_step: int | None):
     checkpoint (steps > its global step), so curves have no duplicated steps."""
     from hydra.utils import instantiate
 
-    if resume_step is not None and str(logger_cfg.get("_target_", "")).endswith("TensorBoardLogger"):
+    if resume_step is not None and str(logger_cfg.get("_target_", "")).endswith(
+        "TensorBoardLogger"
+    ):
         return instantiate(logger_cfg, purge_step=resume_step + 1)
     return instantiate(logger_cfg)
 
 
-def _discard_unused_run_dir(run_dir: Path) -> None:
-    """Remove a run directory that Hydra created for a run that never started.
+def _log_file_name(ckpt_path: str | None) -> str:
+    """The job log: ``train.log``; a resume logs to its own file and leaves the first alone."""
+    if ckpt_path and Path(ckpt_path).expanduser().resolve().parent.name == "checkpoints":
+        return f"train_resume_{_ATTEMPT}.log"
+    return "train.log"
 
-    Only a directory holding nothing but Hydra's own files is removed, so a resumed run's
-    checkpoints and logs are never touched.
+
+def _discard_unused_outputs(run_dir: Path) -> None:
+    """Undo what Hydra wrote for a run that failed before it started.
+
+    A new run directory holding nothing but Hydra's own files is removed whole. Resuming into
+    an existing run only removes this attempt's own config folder and log, so the run's
+    checkpoints, events, metrics and first config stay exactly as they were.
     """
+    from hydra.core.hydra_config import HydraConfig
+
     if not run_dir.is_dir():
+        return
+    hydra_cfg = HydraConfig.get()
+    subdir = hydra_cfg.output_subdir
+    if subdir and subdir != ".hydra":  # a resume attempt
+        shutil.rmtree(run_dir / subdir, ignore_errors=True)
+        log_file = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename")
+        if log_file:
+            logging.shutdown()
+            Path(log_file).unlink(missing_ok=True)
         return
     produced = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
     if not produced:
@@ -208,7 +251,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"vae-train: error: {err}\nRun directory: {run_dir}", file=sys.stderr)
         sys.exit(3)
     except (ConfigError, DatasetNotFoundError, CheckpointError) as err:
-        _discard_unused_run_dir(run_dir)
+        _discard_unused_outputs(run_dir)
         print(f"vae-train: error: {err}", file=sys.stderr)
         sys.exit(2)
     print("View the runs with: tensorboard --logdir " + str(cfg.paths.log_dir))

@@ -44,8 +44,14 @@ def test_loss_equals_hand_computation():
 
 
 def test_gaussian_likelihood_with_learned_sigma_gets_gradient():
-    model = GaussianVAE(image_shape=(3, 8, 8), arch="conv", hidden_dims=[8, 16], latent_dim=2,
-                        likelihood="gaussian", learn_sigma=True)
+    model = GaussianVAE(
+        image_shape=(3, 8, 8),
+        arch="conv",
+        hidden_dims=[8, 16],
+        latent_dim=2,
+        likelihood="gaussian",
+        learn_sigma=True,
+    )
     loss, _ = model.compute_terms(torch.rand(4, 3, 8, 8), step=0)
     loss.backward()
     assert model.log_sigma.grad is not None and model.log_sigma.grad.abs().sum() > 0
@@ -96,8 +102,12 @@ def test_nonfinite_loss_stops_with_term_and_step_and_keeps_checkpoint(tmp_path):
     model = _NaNAtStep(image_shape=(1, 8, 8), hidden_dims=[16], latent_dim=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
     trainer = pl.Trainer(
-        max_epochs=5, accelerator="cpu", logger=False, callbacks=[checkpoint],
-        enable_progress_bar=False, limit_val_batches=0,
+        max_epochs=5,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[checkpoint],
+        enable_progress_bar=False,
+        limit_val_batches=0,
     )
     with pytest.raises(NonFiniteLossError, match=r"non-finite recon .* step 6"):
         trainer.fit(model, DataLoader(data, batch_size=16))

@@ -58,6 +58,7 @@ def test_every_contract_tag_reads_back(digits_run: Path):
     image = events.Images(tags.VAL_SAMPLES)[-1]
     assert image.width > 8 and image.height > 8
 
+
 def test_hparams_hold_the_config_and_the_val_metrics(digits_run: Path):
     records = load_events(digits_run).PluginTagToContent("hparams")
     data = {k: plugin_data_pb2.HParamsPluginData.FromString(v) for k, v in records.items()}
@@ -89,16 +90,22 @@ def test_metrics_json_matches_tensorboard(digits_run: Path):
     events = load_events(digits_run)
     for tag in tags.VAE_VAL_SCALARS:
         assert metrics[tag] == pytest.approx(scalar_series(events, tag)[-1][1], rel=1e-6)
-    assert metrics[tags.VAL_ELBO] == pytest.approx(-(metrics[tags.VAL_RECON] + metrics[tags.VAL_KL]), rel=1e-5)
+    assert metrics[tags.VAL_ELBO] == pytest.approx(
+        -(metrics[tags.VAL_RECON] + metrics[tags.VAL_KL]), rel=1e-5
+    )
     # bits/dim = -ELBO / (64 pixels * ln 2)
-    assert metrics[tags.VAL_BITS_PER_DIM] == pytest.approx(-metrics[tags.VAL_ELBO] / (64 * math.log(2)), rel=1e-5)
+    assert metrics[tags.VAL_BITS_PER_DIM] == pytest.approx(
+        -metrics[tags.VAL_ELBO] / (64 * math.log(2)), rel=1e-5
+    )
     assert metrics[tags.TRAIN_SAMPLES_PER_S] > 0
     assert 0 <= metrics[tags.VAL_ACTIVE_UNITS] <= 8
 
 
 def test_same_seed_same_metrics(tmp_path: Path):
     args = ["trainer.max_epochs=1", "trainer.limit_train_batches=5", "seed=3", *QUICK]
-    runs = [tmp_path / last_line(run_cli("vae-train", *args, cwd=tmp_path).stdout) for _ in range(2)]
+    runs = [
+        tmp_path / last_line(run_cli("vae-train", *args, cwd=tmp_path).stdout) for _ in range(2)
+    ]
     assert runs[0] != runs[1], "two runs must never share a directory"
     first, second = (json.loads((r / "metrics.json").read_text()) for r in runs)
     for metrics in (first, second):
@@ -108,8 +115,14 @@ def test_same_seed_same_metrics(tmp_path: Path):
 
 def test_multirun_gives_one_directory_per_job(tmp_path: Path):
     proc = run_cli(
-        "vae-train", "-m", "model.beta=0.5,4", "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", *QUICK, cwd=tmp_path,
+        "vae-train",
+        "-m",
+        "model.beta=0.5,4",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        *QUICK,
+        cwd=tmp_path,
     )
     metrics_files = sorted((tmp_path / "logs").rglob("metrics.json"))
     assert len(metrics_files) == 2, proc.stdout
@@ -141,5 +154,9 @@ def test_bad_config_fails_before_training(tmp_path: Path, override: str, key: st
     assert key in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     # Nothing half-made is left behind: no run directory, no checkpoints, no event files.
-    leftovers = [p for p in (tmp_path / "logs").rglob("*") if p.is_file()] if (tmp_path / "logs").exists() else []
+    leftovers = (
+        [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]
+        if (tmp_path / "logs").exists()
+        else []
+    )
     assert leftovers == []

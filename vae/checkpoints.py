@@ -73,7 +73,8 @@ def check_compatible(checkpoint: Mapping[str, Any], model: torch.nn.Module, path
     differing = [
         f"model.{key}: checkpoint {saved_hparams[key]!r}, config {current[key]!r}"
         for key in sorted(set(saved_hparams) & set(current))
-        if key not in RESUMABLE_CHANGES and _normalise(saved_hparams[key]) != _normalise(current[key])
+        if key not in RESUMABLE_CHANGES
+        and _normalise(saved_hparams[key]) != _normalise(current[key])
     ]
     if differing:
         raise CheckpointError(
@@ -112,7 +113,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        fd, temporary = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+        )
         try:
             with os.fdopen(fd, "wb") as handle:
                 torch.save(checkpoint, handle)

@@ -30,7 +30,9 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def write_metrics(run_dir: str | os.PathLike, metrics: Mapping[str, Any], merge: bool = True) -> Path:
+def write_metrics(
+    run_dir: str | os.PathLike, metrics: Mapping[str, Any], merge: bool = True
+) -> Path:
     """Write ``metrics.json`` atomically (temp file + rename), merging with what is there.
 
     Keys are TensorBoard tag names (``val/elbo``, ``test/nll_iw``) plus run-level numbers such

@@ -61,7 +61,9 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
-def log_hparams(loggers: Iterable[Any], params: Mapping[str, Any], metric_tags: Iterable[str]) -> None:
+def log_hparams(
+    loggers: Iterable[Any], params: Mapping[str, Any], metric_tags: Iterable[str]
+) -> None:
     """Register the run's hyper-parameters and the metric tags the HParams tab should show.
 
     The tab reads each metric's *latest* value from the scalar series of the same tag in the

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -41,8 +40,8 @@ class NonFiniteGuard:
         skip_nonfinite: skip such a batch (no optimizer step) and count it in
             ``skipped_batches`` instead of stopping.
         check_gradients: also check gradient norms before each optimizer step.
-        inject_nan_term, inject_nan_step: fault injection for tests: from that step on, the
-            named loss term is NaN.
+        inject_nan_term, inject_nan_step: fault injection for tests: the named loss term is
+            NaN for one batch, the first one at that optimizer step.
     """
 
     skip_nonfinite: bool = False
@@ -50,12 +49,14 @@ class NonFiniteGuard:
     inject_nan_term: str | None = None
     inject_nan_step: int | None = None
     skipped_batches: int = 0
+    injected: bool = False
 
     def maybe_inject(self, loss, terms, step: int):
         if self.inject_nan_term is None or self.inject_nan_step is None:
             return loss, terms
-        if step < self.inject_nan_step:
+        if self.injected or step != self.inject_nan_step:
             return loss, terms
+        self.injected = True
         if self.inject_nan_term not in terms:
             raise ValueError(
                 f"trainer_guard.inject_nan_term={self.inject_nan_term!r} is not a loss term; "
@@ -81,7 +82,9 @@ class LatentVariableModule(pl.LightningModule):
 
     guarded_terms: tuple[str, ...] = ()
 
-    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer] | None, num_images: int = 64):
+    def __init__(
+        self, optimizer: Callable[..., torch.optim.Optimizer] | None, num_images: int = 64
+    ):
         super().__init__()
         self.optimizer_factory = optimizer
         self.num_images = num_images
@@ -105,7 +108,9 @@ class LatentVariableModule(pl.LightningModule):
         )
 
     # --- subclass interface -------------------------------------------------------------
-    def compute_terms(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_terms(
+        self, x: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +229,11 @@ class LatentVariableModule(pl.LightningModule):
         self.log_scalars("val", terms, self.val_scalar_names(), batch_size=batch_size)
 
     def log_scalars(
-        self, prefix: str, terms: Mapping[str, torch.Tensor], names: tuple[str, ...], batch_size: int
+        self,
+        prefix: str,
+        terms: Mapping[str, torch.Tensor],
+        names: tuple[str, ...],
+        batch_size: int,
     ) -> None:
         """Epoch means (weighted by batch size, synced across processes) as ``prefix/name``."""
         for name in names:

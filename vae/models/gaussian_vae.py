@@ -58,7 +58,9 @@ def kl_regulariser(
                 "model.free_bits > 0 cannot be combined with model.kl_schedule=capacity; "
                 "set one of them"
             )
-        return CapacityKL(capacity_gamma, CapacitySchedule(c_max=capacity_max, steps=capacity_steps))
+        return CapacityKL(
+            capacity_gamma, CapacitySchedule(c_max=capacity_max, steps=capacity_steps)
+        )
     schedules = {
         "constant": lambda: ConstantBeta(beta=beta),
         "linear": lambda: LinearWarmup(beta=beta, warmup_steps=warmup_steps),
@@ -226,7 +228,9 @@ class GaussianVAE(LatentVariableModule):
                 self._val_mu_sum,
                 self._val_mu_sq_sum,
                 self._val_kl_sum,
-                torch.tensor([float(self._val_count)], dtype=torch.float64, device=self._val_mu_sum.device),
+                torch.tensor(
+                    [float(self._val_count)], dtype=torch.float64, device=self._val_mu_sum.device
+                ),
             ]
         )
         if self._trainer is not None and self.trainer.world_size > 1:
