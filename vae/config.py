@@ -11,6 +11,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -139,3 +140,50 @@ def validate_config(cfg: DictConfig) -> None:
             "Use data.binarize=dynamic for likelihood numbers.",
             stacklevel=2,
         )
+
+
+# --- VQ-VAE (model=vqvae) and its prior (model=vqvae_prior) ------------------------------------
+
+
+def decay_fraction(value: Any) -> bool:
+    return _is_number(value) and 0 <= value < 1
+
+
+def existing_file(value: Any) -> bool:
+    return isinstance(value, str) and Path(value).expanduser().is_file()
+
+
+def boolean(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+VQ_RULES: tuple[Rule, ...] = (
+    Rule("model.num_codes", positive_int, "a positive integer (codebook size K), e.g. 512"),
+    Rule("model.code_dim", positive_int, "a positive integer (size of each code), e.g. 64"),
+    Rule("model.commitment", non_negative_number, "a number >= 0 (beta on the commitment term)"),
+    Rule("model.ema", boolean, "true or false"),
+    Rule("model.decay", decay_fraction, "a number in [0, 1) (EMA decay)"),
+    Rule("model.eps", positive_number, "a positive number (Laplace smoothing of EMA counts)"),
+    Rule(
+        "model.dead_code_threshold",
+        optional(positive_int),
+        "a positive integer (training steps unused before a code is dead) or null (off)",
+    ),
+    Rule("model.restart_dead_codes", boolean, "true or false"),
+    Rule("model.kmeans_init", boolean, "true or false"),
+    Rule("model.kmeans_iters", positive_int, "a positive integer"),
+    Rule("model.num_res_blocks", non_negative_int, "an integer >= 0"),
+    Rule("model.res_hidden", positive_int, "a positive integer"),
+    Rule(
+        "model.vqvae_ckpt",
+        optional(existing_file),
+        "the path of an existing VQ-VAE checkpoint (<vqvae run>/checkpoints/last.ckpt), or "
+        "null for a random VQ-VAE (smoke tests only)",
+    ),
+    Rule("model.dim", positive_int, "a positive integer (width of the prior)"),
+    Rule("model.depth", positive_int, "a positive integer (layers of the prior)"),
+    Rule("model.heads", positive_int, "a positive integer that divides model.dim"),
+    Rule("model.dropout", decay_fraction, "a number in [0, 1)"),
+    Rule("model.temperature", positive_number, "a positive number (sampling temperature)"),
+)
+RULES = RULES + VQ_RULES

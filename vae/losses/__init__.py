@@ -59,6 +59,14 @@ from vae.losses.schedules import (
     Schedule,
 )
 from vae.losses.validation import set_validation, validation, validation_enabled
+from vae.losses.vq import (
+    codebook_loss,
+    codebook_usage,
+    commitment_loss,
+    perplexity,
+    uniform_prior_rate,
+    vq_losses,
+)
 
 __all__ = [
     # kl
@@ -97,4 +105,11 @@ __all__ = [
     "set_validation",
     "validation_enabled",
     "validation",
+    # vq
+    "vq_losses",
+    "codebook_loss",
+    "commitment_loss",
+    "perplexity",
+    "codebook_usage",
+    "uniform_prior_rate",
 ]

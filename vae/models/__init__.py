@@ -2,5 +2,7 @@
 
 from vae.models.base import LatentVariableModule, NonFiniteLossError
 from vae.models.gaussian_vae import GaussianVAE
+from vae.models.vqvae import VQVAE
+from vae.models.vqvae_prior import VQVAEPrior
 
-__all__ = ["GaussianVAE", "LatentVariableModule", "NonFiniteLossError"]
+__all__ = ["GaussianVAE", "LatentVariableModule", "NonFiniteLossError", "VQVAE", "VQVAEPrior"]

@@ -17,6 +17,15 @@ from vae.nn.build import build_decoder, build_encoder
 from vae.nn.conv import ConvDecoder, ConvEncoder
 from vae.nn.gaussian import GaussianEncoder
 from vae.nn.mlp import MLPDecoder, MLPEncoder
+from vae.nn.prior import CodePrior
+from vae.nn.quantizer import (
+    QuantizerOutput,
+    VectorQuantizer,
+    ema_codebook_update,
+    kmeans,
+    laplace_smoothed_counts,
+    nearest_codes,
+)
 from vae.nn.vq_nets import VQDecoder, VQEncoder
 
 __all__ = [
@@ -35,4 +44,12 @@ __all__ = [
     "downsampled_shape",
     "make_activation",
     "spatial_sizes",
+    # vector quantizer and the prior over its codes
+    "CodePrior",
+    "QuantizerOutput",
+    "VectorQuantizer",
+    "ema_codebook_update",
+    "kmeans",
+    "laplace_smoothed_counts",
+    "nearest_codes",
 ]

@@ -1,0 +1,249 @@
+"""VQ-VAE (van den Oord et al. 2017): conv encoder, vector quantizer, conv decoder.
+
+    z_e = encoder(x)             (B, D, h, w), continuous
+    e   = quantize(z_e)          nearest of K codes at each of the h*w positions
+    loss = recon + vq_loss,  recon = -log p(x | e),  vq_loss = codebook + beta * commitment
+
+recon is in nats per example; vq_loss in squared latent units per example (``vae.losses.vq``).
+With a uniform prior over the codes the KL term of the ELBO is a constant, the rate
+h * w * log K nats (``train/kl``, ``val/kl``), so ``val/elbo = -(recon + kl)`` and
+``val/bits_per_dim`` put this model on the same axes as the Gaussian VAE. A learned prior over
+the codes (``vae.models.VQVAEPrior``, the second stage) replaces log K by -log p(codes) and
+gives the samples; this stage alone has no prior worth sampling, so ``sample`` returns None.
+
+``val/perplexity`` and ``val/codebook_usage`` come from one code histogram accumulated over
+the whole validation epoch (and summed over processes), never from a single batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from vae import tags
+from vae.losses import codebook_usage, get_likelihood, perplexity, uniform_prior_rate
+from vae.models.base import LatentVariableModule
+from vae.nn import VectorQuantizer, VQDecoder, VQEncoder
+from vae.tensorboard import log_image_grid
+
+HISTOGRAM_HEIGHT = 64  # pixels of the tallest bar in val/code_histogram
+
+
+def resolve_code_dim(code_dim: int | None, latent_dim: int | None) -> int:
+    """The code size from ``model.code_dim`` and its alias ``model.latent_dim``.
+
+    ``latent_dim`` is accepted so that the key shared by every model works for the VQ-VAE
+    too; it means the size of each code. Either may be given (the other left null), or both
+    if they agree.
+    """
+    if code_dim is None and latent_dim is None:
+        raise ValueError("model.code_dim (or its alias model.latent_dim) must be set, e.g. 64.")
+    if code_dim is not None and latent_dim is not None and int(code_dim) != int(latent_dim):
+        raise ValueError(
+            f"model.latent_dim={latent_dim} and model.code_dim={code_dim} disagree. For the "
+            "VQ-VAE latent_dim is an alias of code_dim (the size of each code): set only one."
+        )
+    return int(code_dim if code_dim is not None else latent_dim)
+
+
+def code_histogram_image(counts: torch.Tensor, height: int = HISTOGRAM_HEIGHT) -> torch.Tensor:
+    """(1, height, K) image in {0, 1}: one bar per code, most used left, height ~ count."""
+    counts = counts.detach().double().cpu().sort(descending=True).values
+    peak = counts[0] if counts[0] > 0 else torch.tensor(1.0, dtype=torch.float64)
+    bar_heights = torch.round(counts / peak * height)
+    rows_from_bottom = torch.arange(height, 0, -1, dtype=torch.float64).unsqueeze(1)
+    return (rows_from_bottom <= bar_heights.unsqueeze(0)).float().unsqueeze(0)
+
+
+class VQVAE(LatentVariableModule):
+    """The VQ-VAE. Config keys (``conf/model/vqvae.yaml``) are the constructor arguments.
+
+    Args:
+        image_shape: (C, H, W), from the data module.
+        arch: only ``"conv"``: the quantizer works on a spatial grid of codes.
+        hidden_dims: channels of the stride-2 convs, encoder order (the decoder mirrors them).
+        code_dim / latent_dim: D, the size of each code (``latent_dim`` is an alias).
+        num_codes: K.
+        commitment: beta on the commitment term.
+        ema, decay, eps, dead_code_threshold, restart_dead_codes, kmeans_init, kmeans_iters:
+            see ``vae.nn.VectorQuantizer``.
+        num_res_blocks, res_hidden: the residual stacks of encoder and decoder.
+        likelihood: ``bernoulli`` (logits) or ``gaussian`` / ``laplace`` (location, fixed scale
+            ``sigma``).
+    """
+
+    guarded_terms = ("recon", "vq_loss")
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        arch: str = "conv",
+        hidden_dims: Sequence[int] = (32, 64),
+        code_dim: int | None = 64,
+        latent_dim: int | None = None,
+        num_codes: int = 512,
+        commitment: float = 0.25,
+        ema: bool = True,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_code_threshold: int | None = 100,
+        restart_dead_codes: bool = True,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        num_res_blocks: int = 2,
+        res_hidden: int = 32,
+        likelihood: str = "bernoulli",
+        sigma: float = 1.0,
+        lr: float = 1e-3,
+        num_images: int = 64,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    ):
+        super().__init__(optimizer=optimizer, num_images=num_images)
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        if arch != "conv":
+            raise ValueError(
+                f"model.arch={arch!r} is not supported by the VQ-VAE: it quantizes a spatial grid "
+                "of codes, which only the conv encoder makes. Use model.arch=conv."
+            )
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.code_dim = resolve_code_dim(code_dim, latent_dim)
+        self.encoder = VQEncoder(
+            self.image_shape, hidden_dims, self.code_dim, num_res_blocks, res_hidden
+        )
+        self.decoder = VQDecoder(
+            self.code_dim, hidden_dims, self.image_shape, num_res_blocks, res_hidden
+        )
+        self.quantizer = VectorQuantizer(
+            num_codes,
+            self.code_dim,
+            commitment=commitment,
+            ema=ema,
+            decay=decay,
+            eps=eps,
+            dead_code_threshold=dead_code_threshold,
+            restart_dead_codes=restart_dead_codes,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+        )
+        self.grid_shape = self.encoder.grid_shape
+        self.num_codes = self.quantizer.num_codes
+        self.likelihood_name = likelihood
+        self.likelihood = get_likelihood(likelihood)
+        if not sigma > 0:
+            raise ValueError(f"model.sigma must be > 0, got {sigma}.")
+        self.log_sigma = math.log(sigma)
+        self.num_pixels = math.prod(self.image_shape)
+        self.rate = uniform_prior_rate(math.prod(self.grid_shape), self.num_codes)
+        self._val_code_counts: torch.Tensor | None = None
+
+    # --- the model ---------------------------------------------------------------------------
+    def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """The code grid (B, h, w) of ``x``: the nearest code at each position."""
+        return self.quantizer(self.encoder(x)).indices
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images (decoder means, data range) from a code grid (B, h, w)."""
+        return self.decoder_mean(self.decoder(self.quantizer.lookup(indices)))
+
+    def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-log p(x | e) in nats per example, shape (B,); computed in float32."""
+        params = params.float()
+        if self.likelihood_name == "bernoulli":
+            return self.likelihood(params, x, validate=False)
+        return self.likelihood(params, x, self.log_sigma, validate=False)
+
+    def decoder_mean(self, params: torch.Tensor) -> torch.Tensor:
+        """E[x | e] for display: sigmoid(logits) for Bernoulli, the location otherwise."""
+        return torch.sigmoid(params) if self.likelihood_name == "bernoulli" else params
+
+    def forward(self, x: torch.Tensor):
+        """(decoder outputs, quantizer output) for images ``x``."""
+        quantized = self.quantizer(self.encoder(x))
+        return self.decoder(quantized.quantized), quantized
+
+    def compute_terms(self, x: torch.Tensor, step: int):
+        params, quantized = self(x)
+        recon = self.reconstruction_nll(params, x).mean()
+        loss = recon + quantized.loss
+        kl = torch.tensor(self.rate, device=recon.device)
+        elbo = -(recon + kl)
+        terms = {
+            "loss": loss,
+            "recon": recon,
+            "vq_loss": quantized.loss,
+            "commitment": quantized.commitment_loss,
+            "perplexity": quantized.perplexity,
+            "dead_codes": quantized.dead_codes,
+            "restarted_codes": self.quantizer.num_restarted,
+            "kl": kl,
+            "elbo": elbo,
+            "bits_per_dim": -elbo / (self.num_pixels * math.log(2.0)),
+        }
+        if not self.training:
+            terms["mse"] = (self.decoder_mean(params.detach().float()) - x).pow(2).mean()
+            self._accumulate_code_counts(quantized.counts)
+        return loss, terms
+
+    def train_scalar_names(self):
+        return (
+            "loss",
+            "recon",
+            "vq_loss",
+            "commitment",
+            "perplexity",
+            "dead_codes",
+            "restarted_codes",
+            "kl",
+        )
+
+    def val_scalar_names(self):
+        return ("loss", "recon", "kl", "elbo", "bits_per_dim", "mse")
+
+    def hparam_metric_tags(self):
+        return (*super().hparam_metric_tags(), tags.VAL_PERPLEXITY, tags.VAL_CODEBOOK_USAGE)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        params, _ = self(x)
+        return self.decoder_mean(params)
+
+    def sample(self, num_samples: int) -> torch.Tensor | None:
+        """None: the uniform prior of this stage gives noise; train ``VQVAEPrior`` for samples."""
+        return None
+
+    # --- the code histogram of the validation epoch -----------------------------------------
+    def _accumulate_code_counts(self, counts: torch.Tensor) -> None:
+        counts = counts.detach().double()
+        if self._val_code_counts is None:
+            self._val_code_counts = torch.zeros_like(counts)
+        self._val_code_counts += counts
+
+    def validation_code_counts(self) -> torch.Tensor | None:
+        """How often each code was chosen in this validation epoch, summed over processes."""
+        if self._val_code_counts is None:
+            return None
+        counts = self._val_code_counts
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
+        return counts
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_code_counts = None
+
+    def on_validation_epoch_end(self) -> None:
+        counts = self.validation_code_counts()
+        if counts is not None and float(counts.sum()) > 0:
+            self.log_val_epoch_scalar("perplexity", perplexity(counts))
+            self.log_val_epoch_scalar("codebook_usage", codebook_usage(counts))
+            if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+                log_image_grid(
+                    self.loggers,
+                    tags.VAL_CODE_HISTOGRAM,
+                    code_histogram_image(counts).unsqueeze(0),
+                    self.global_step,
+                    nrow=1,
+                )
+        self._val_code_counts = None
+        super().on_validation_epoch_end()

@@ -1,0 +1,160 @@
+"""Second stage of the VQ-VAE: an autoregressive prior over the codes of a frozen VQ-VAE.
+
+    c = codes(x) of the frozen VQ-VAE (h x w grid),   p(c) = CodePrior (causal transformer)
+    loss = -log p(c)                                   nats per example
+
+With this prior the rate of the VQ-VAE is KL(one-hot q(c|x) || p(c)) = -log p(c(x)) (logged as
+``kl``), and since q is a point mass,
+
+    log p(x) >= log p(x | c(x)) + log p(c(x)) = -(recon + kl) = elbo,
+
+so ``val/bits_per_dim = -elbo / (pixels * ln 2)`` is an upper bound on the bits per dimension
+of the whole model (VQ-VAE decoder + prior). ``val/samples`` shows codes drawn from the prior
+and decoded by the frozen decoder: real generations.
+
+``vqvae_ckpt`` is a checkpoint of a ``model=vqvae`` run (e.g. ``<run>/checkpoints/last.ckpt``).
+``vqvae_ckpt=null`` builds a randomly initialised VQ-VAE from ``vqvae`` instead: the wiring
+runs (smoke tests, ``debug=fdr``) but the numbers mean nothing, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from vae.checkpoints import CheckpointError, read_checkpoint
+from vae.models.base import LatentVariableModule
+from vae.models.vqvae import VQVAE
+from vae.nn.prior import CodePrior
+
+SAMPLE_SEED = 1234  # val/samples draws the same random stream each epoch
+
+
+def load_frozen_vqvae(path: str, image_shape: Sequence[int]) -> VQVAE:
+    """The VQ-VAE of checkpoint ``path``, in eval mode with gradients off.
+
+    Raises ``CheckpointError`` (a ``ValueError``) naming ``model.vqvae_ckpt`` if the file is not
+    a VQ-VAE checkpoint or was trained on images of another shape.
+    """
+    checkpoint = read_checkpoint(path)
+    saved_class = checkpoint.get("model_class", VQVAE.__qualname__)
+    if saved_class != VQVAE.__qualname__:
+        raise CheckpointError(
+            f"model.vqvae_ckpt={path} holds a {saved_class}, not a VQVAE; give the checkpoint "
+            "of a model=vqvae run, e.g. logs/vqvae_fashion/<run>/checkpoints/last.ckpt."
+        )
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    saved_shape = tuple(int(s) for s in hparams.get("image_shape", ()))
+    if saved_shape != tuple(int(s) for s in image_shape):
+        raise CheckpointError(
+            f"model.vqvae_ckpt={path} was trained on images of shape {saved_shape}, but the data "
+            f"gives {tuple(image_shape)}; use the same data=... as the VQ-VAE run."
+        )
+    model = VQVAE(**hparams)
+    model.load_state_dict(checkpoint["state_dict"])
+    return freeze(model)
+
+
+def freeze(model: VQVAE) -> VQVAE:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class VQVAEPrior(LatentVariableModule):
+    """Trains ``CodePrior`` on the codes of a frozen VQ-VAE (``conf/model/vqvae_prior.yaml``).
+
+    Args:
+        image_shape: (C, H, W), from the data module.
+        vqvae_ckpt: checkpoint of the VQ-VAE run, or None for a random VQ-VAE (smoke tests).
+        vqvae: constructor arguments of that random VQ-VAE (used only when ``vqvae_ckpt`` is None).
+        dim, depth, heads, dropout: the prior's transformer (``vae.nn.CodePrior``).
+        temperature: softmax temperature of ``val/samples``.
+    """
+
+    guarded_terms = ("kl",)
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        vqvae_ckpt: str | None = None,
+        vqvae: Mapping[str, Any] | None = None,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        dropout: float = 0.1,
+        temperature: float = 1.0,
+        lr: float = 1e-3,
+        num_images: int = 64,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    ):
+        super().__init__(optimizer=optimizer, num_images=num_images)
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        if vqvae_ckpt is None:
+            warnings.warn(
+                "model.vqvae_ckpt is null: the prior is trained on the codes of a randomly "
+                "initialised VQ-VAE, which is only useful to smoke-test the wiring. Set "
+                "model.vqvae_ckpt=<vqvae run>/checkpoints/last.ckpt for real results.",
+                stacklevel=2,
+            )
+            self.vqvae = freeze(VQVAE(self.image_shape, **dict(vqvae or {})))
+        else:
+            self.vqvae = load_frozen_vqvae(str(vqvae_ckpt), self.image_shape)
+        self.prior = CodePrior(
+            self.vqvae.num_codes,
+            self.vqvae.grid_shape,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            dropout=dropout,
+        )
+        if not temperature > 0:
+            raise ValueError(f"model.temperature must be > 0, got {temperature}.")
+        self.temperature = float(temperature)
+        self.num_pixels = math.prod(self.image_shape)
+
+    def train(self, mode: bool = True):
+        """The VQ-VAE stays in eval mode: its quantizer must not update the codebook."""
+        super().train(mode)
+        self.vqvae.eval()
+        return self
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor):
+        """The frozen VQ-VAE's quantizer output for ``x`` (indices and quantized latents)."""
+        return self.vqvae.quantizer(self.vqvae.encoder(x))
+
+    def compute_terms(self, x: torch.Tensor, step: int):
+        quantized = self.codes(x)
+        kl = self.prior.nll(quantized.indices).mean()
+        terms = {"loss": kl, "kl": kl}
+        if not self.training:
+            with torch.no_grad():
+                params = self.vqvae.decoder(quantized.quantized)
+                recon = self.vqvae.reconstruction_nll(params, x).mean()
+            elbo = -(recon + kl)
+            terms.update(
+                recon=recon, elbo=elbo, bits_per_dim=-elbo / (self.num_pixels * math.log(2.0))
+            )
+        return kl, terms
+
+    def train_scalar_names(self):
+        return ("loss", "kl")
+
+    def val_scalar_names(self):
+        return ("loss", "recon", "kl", "elbo", "bits_per_dim")
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vqvae.reconstruct(x)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Codes drawn from the prior (a fixed random stream), decoded by the frozen VQ-VAE."""
+        generator = torch.Generator(device=self.device).manual_seed(SAMPLE_SEED)
+        codes = self.prior.sample(num_samples, self.temperature, generator=generator)
+        return self.vqvae.decode_indices(codes)
