@@ -118,9 +118,6 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("dir_suffix", _dir_suffix)
 
 
-_register_resolvers()
-
-
 def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     """Fit the configured model and return the final metrics (also written to metrics.json).
 
@@ -235,6 +232,9 @@ def _discard_unused_outputs(run_dir: Path) -> None:
     produced = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
     if not produced:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+_register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
