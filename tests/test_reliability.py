@@ -33,7 +33,7 @@ def _metrics(run_dir: Path) -> dict:
 
 def _assert_contiguous(steps: list[int], every: int = 1) -> None:
     assert steps == sorted(set(steps)), f"duplicated or out-of-order steps: {steps}"
-    gaps = [(a, b) for a, b in zip(steps, steps[1:]) if b - a != every]
+    gaps = [(a, b) for a, b in zip(steps, steps[1:], strict=False) if b - a != every]
     assert not gaps, f"gaps in the curve: {gaps}"
 
 
