@@ -1,11 +1,321 @@
-"""`vae-eval ckpt_path=PATH`: evaluate a checkpoint on the test split (not yet implemented)."""
+"""`vae-eval ckpt_path=PATH`: test-split numbers of a trained run, written back into that run.
+
+    vae-eval ckpt_path=logs/vae_digits/<run>/checkpoints/last.ckpt
+    vae-eval ckpt_path=logs/vae_fashion/<run> eval.k=1000 eval.limit=2000
+
+The model and the data are rebuilt from the run's own ``.hydra/config.yaml`` (the run directory
+is the parent of ``checkpoints/``), the weights come from the checkpoint, and the ``test/*``
+scalars (tags in ``vae.tags``) are added to the run's TensorBoard at the checkpoint's
+``global_step`` and merged into its ``metrics.json``. A missing or unreadable checkpoint or run
+config ends with one error line and exit code 2, before anything is written.
+
+This file only wires; the metrics are plain functions in ``vae.eval``.
+"""
+
+from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.train import CONFIG_DIR
+
+CHECKPOINT_DIR = "checkpoints"
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+
+
+class EvaluationError(ValueError):
+    """vae-eval cannot run as asked; the message says what to change."""
+
+
+# --- settings -------------------------------------------------------------------------------
+def check_eval_settings(settings: DictConfig) -> None:
+    """Raise ``EvaluationError`` naming every invalid ``eval.*`` value."""
+    from vae.config import non_negative_int, optional, positive_int
+
+    rules = (
+        ("k", positive_int, "a positive integer, e.g. eval.k=5000"),
+        ("limit", optional(positive_int), "null or a positive integer"),
+        ("batch_size", positive_int, "a positive integer"),
+        ("chunk_size", optional(positive_int), "null or a positive integer"),
+        ("seed", non_negative_int, "an integer >= 0"),
+        ("num_samples", positive_int, "a positive integer"),
+        ("sample_scores", lambda v: isinstance(v, bool), "true or false"),
+    )
+    problems = [
+        f"eval.{key}={settings.get(key)!r} is invalid: expected {expected}."
+        for key, check, expected in rules
+        if not check(settings.get(key))
+    ]
+    if problems:
+        raise EvaluationError("\n  ".join(["invalid settings:", *problems]))
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvaluationError(
+            f"eval.device={name!r} is not a device; use auto, cpu or cuda."
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(
+            f"eval.device={name} but no CUDA device is available; use eval.device=cpu."
+        )
+    return device
+
+
+# --- the run --------------------------------------------------------------------------------
+def locate_run(ckpt_path: str | None) -> tuple[Path, Path]:
+    """(checkpoint file, run directory) from ``ckpt_path`` (a checkpoint or a run directory)."""
+    if not ckpt_path:
+        raise EvaluationError(
+            "ckpt_path is required: vae-eval ckpt_path=logs/<name>/<run>/checkpoints/last.ckpt"
+        )
+    path = Path(str(ckpt_path)).expanduser().resolve()
+    if path.is_dir():
+        path = path / CHECKPOINT_DIR / "last.ckpt"
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+    return path, run_dir
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The run's saved config, with ``paths.output_dir`` pointing at the run directory.
+
+    The saved file keeps Hydra's ``${hydra:runtime.output_dir}``, which only means something
+    inside the original run; here it is replaced by the run directory itself.
+    """
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise EvaluationError(
+            f"no run config at {path}: vae-eval rebuilds the model and data from the config that "
+            "vae-train saved next to the checkpoints/ folder. Pass a checkpoint inside its run "
+            "directory (<run>/checkpoints/*.ckpt)."
+        )
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:
+        raise EvaluationError(f"the run config {path} cannot be read: {err}") from None
+    if not isinstance(cfg, DictConfig) or "model" not in cfg or "data" not in cfg:
+        raise EvaluationError(f"the run config {path} has no model/data sections.")
+    if "paths" in cfg:
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def build_model_and_data(run_cfg: DictConfig, checkpoint: dict, ckpt: Path, data_root: str | None):
+    """Instantiate the run's DataModule and model and load the checkpoint's weights."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from vae.checkpoints import CheckpointError, check_compatible
+    from vae.data import DatasetNotFoundError
+
+    if data_root is not None:
+        run_cfg.data.root = data_root
+    try:
+        datamodule = instantiate(run_cfg.data, _convert_="all")
+        model = instantiate(run_cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+        check_compatible(checkpoint, model, path=str(ckpt))
+        model.load_state_dict(checkpoint["state_dict"])
+        datamodule.setup("test")
+    except (CheckpointError, DatasetNotFoundError) as err:
+        raise EvaluationError(str(err)) from None
+    except (InstantiationException, ValueError) as err:
+        raise EvaluationError(f"the run's config does not build here: {err}") from None
+    return model.eval(), datamodule
+
+
+# --- metrics --------------------------------------------------------------------------------
+def _progress(label: str, total: int):
+    start = time.perf_counter()
+    shown = [0]
+
+    def report(done: int) -> None:
+        if done == total or done - shown[0] >= max(1, total // 10):
+            shown[0] = done
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"  {label}: {done}/{total} examples ({rate:.1f}/s)", file=sys.stderr, flush=True)
+
+    return report
+
+
+def model_metrics(model, images, settings: DictConfig, device) -> dict[str, Any]:
+    """The test metrics that fit this kind of model (Gaussian VAE, VQ-VAE, VQ-VAE prior)."""
+    import torch
+
+    from vae.eval.suite import batches_of, gaussian_vae_metrics, vqvae_metrics, vqvae_prior_metrics
+
+    batches = batches_of(images, settings.batch_size, device)
+    total = images.shape[0]
+    if hasattr(model, "encode_indices"):
+        return vqvae_metrics(model, batches, _progress("codes", total))
+    if hasattr(model, "prior") and hasattr(model, "codes"):
+        return vqvae_prior_metrics(model, batches, _progress("prior", total))
+    if all(hasattr(model, m) for m in ("encode", "decode", "reconstruction_nll")):
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+        return gaussian_vae_metrics(
+            model,
+            batches,
+            settings.k,
+            settings.chunk_size,
+            generator,
+            _progress(f"nll_iw k={settings.k}", total),
+        )
+    raise EvaluationError(f"vae-eval does not know how to evaluate a {type(model).__name__}.")
+
+
+def sample_metrics(model, run_cfg: DictConfig, settings: DictConfig, limit: int | None, device):
+    """Label KL, classifier score (and FID where possible); a note instead when not possible."""
+    import torch
+    from hydra.utils import instantiate
+
+    from vae.eval.sample_scores import (
+        ClassifierSettings,
+        fid_unavailable_reason,
+        frechet_inception_distance,
+        load_or_train_classifier,
+    )
+    from vae.eval.suite import sample_score_metrics
+
+    notes: list[str] = []
+    torch.manual_seed(settings.seed)
+    try:
+        samples = model.sample(settings.num_samples)
+    except NotImplementedError:
+        samples = None
+    if samples is None:
+        return {}, [f"sample scores skipped: {type(model).__name__} cannot sample (no prior)."]
+    # The classifier sees grey-level images, the same kind as the samples (decoder means).
+    grey = instantiate(run_cfg.data, binarize="none", _convert_="all")
+    grey.setup("fit")
+    settings_c = ClassifierSettings(**OmegaConf.to_container(settings.classifier))
+    cache_dir = settings.cache_dir or OmegaConf.select(run_cfg, "paths.cache_dir") or ".cache"
+    classifier, path, trained = load_or_train_classifier(
+        cache_dir,
+        getattr(grey, "name", type(grey).__name__),
+        grey.train_split.images.to(device),
+        grey.train_split.labels.to(device),
+        grey.num_classes,
+        settings_c,
+    )
+    notes.append(
+        f"sample classifier {'trained and cached at' if trained else 'loaded from'} {path}"
+    )
+    real_images = grey.test_split.images[:limit].to(device)
+    real_labels = grey.test_split.labels[:limit].to(device)
+    metrics = sample_score_metrics(samples, classifier, real_images, real_labels)
+    reason = fid_unavailable_reason()
+    if reason is None:
+        from vae import tags
+
+        metrics[tags.TEST_FID] = frechet_inception_distance(samples, real_images)
+        notes.append(
+            f"FID: {samples.shape[0]} samples against {real_images.shape[0]} test images, "
+            "Inception-v3 pool features (torchmetrics)."
+        )
+    else:
+        notes.append(reason)
+    return metrics, notes
+
+
+def write_back(run_dir: Path, metrics: dict[str, Any], step: int) -> None:
+    """Scalars and the KL-per-dimension histogram into the run's TensorBoard; metrics.json."""
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from vae import tags
+    from vae.runs import write_metrics
+
+    writer = SummaryWriter(log_dir=str(run_dir))
+    try:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(name, value, global_step=step)
+        if tags.TEST_KL_PER_DIM in metrics:
+            kl_per_dim = torch.tensor(metrics[tags.TEST_KL_PER_DIM])
+            writer.add_histogram(tags.TEST_KL_PER_DIM, kl_per_dim, global_step=step)
+    finally:
+        writer.close()
+    write_metrics(run_dir, metrics)
+
+
+def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
+    """Evaluate ``cfg.ckpt_path`` as configured by ``cfg.eval``; return (run dir, metrics)."""
+    settings = cfg.eval
+    check_eval_settings(settings)
+    ckpt, run_dir = locate_run(cfg.get("ckpt_path"))
+    run_cfg = load_run_config(run_dir)
+
+    import torch
+
+    from vae.checkpoints import CheckpointError, read_checkpoint
+
+    try:
+        checkpoint = read_checkpoint(ckpt)
+    except CheckpointError as err:
+        raise EvaluationError(str(err)) from None
+    step = int(checkpoint.get("global_step", 0))
+    device = resolve_device(str(settings.device))
+    model, datamodule = build_model_and_data(run_cfg, checkpoint, ckpt, settings.data_root)
+    del checkpoint
+    model.to(device)
+
+    limit = settings.limit
+    images = datamodule.test_split.images[:limit]
+    print(
+        f"vae-eval: {type(model).__name__} at step {step}, {images.shape[0]} test examples "
+        f"of {getattr(datamodule, 'name', type(datamodule).__name__)}, device {device}",
+        file=sys.stderr,
+    )
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    metrics = model_metrics(model, images, settings, device)
+    notes: list[str] = []
+    if settings.sample_scores:
+        scores, notes = sample_metrics(model, run_cfg, settings, limit, device)
+        metrics.update(scores)
+    print(f"vae-eval: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    write_back(run_dir, metrics, step)
+    for note in notes:
+        print(note)
+    return run_dir, metrics
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    lines = []
+    for name, value in metrics.items():
+        if isinstance(value, float):
+            lines.append(f"{name:32s} {value:.4f}")
+        elif isinstance(value, list):
+            lines.append(f"{name:32s} [{', '.join(f'{v:.3f}' for v in value)}]")
+        else:
+            lines.append(f"{name:32s} {value}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_dir, metrics = evaluate(cfg)
+    except EvaluationError as err:
+        print(f"vae-eval: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(format_metrics(metrics))
+    print(f"Written to {run_dir / 'metrics.json'} and its TensorBoard run. Run directory:")
+    print(run_dir)
 
 
 def main() -> None:
-    print("vae-eval: not yet implemented (see the evaluation issue).", file=sys.stderr)
-    sys.exit(1)
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""Metrics that need a model: IW-NLL, active units, codebook statistics, sample scores.
+
+Plain functions, usable without Lightning or Hydra; ``vae-eval`` (``experiments/evaluate.py``)
+wires them to a run directory. Units: nats per example unless a name says otherwise.
+"""
+
+from vae.eval.active_units import (
+    ACTIVE_UNIT_THRESHOLD,
+    PosteriorMeanStatistics,
+    active_units,
+    count_active_units,
+)
+from vae.eval.nll import (
+    ImportanceWeightedBounds,
+    bernoulli_nll_per_sample,
+    diagonal_gaussian_log_density,
+    importance_weighted_bounds,
+    importance_weighted_nll,
+    standard_normal_log_density,
+)
+from vae.eval.sample_scores import (
+    ClassifierSettings,
+    SampleClassifier,
+    classifier_score,
+    fid_unavailable_reason,
+    label_histogram,
+    label_kl,
+    load_or_train_classifier,
+    predict_probabilities,
+    train_classifier,
+)
+
+__all__ = [
+    "ACTIVE_UNIT_THRESHOLD",
+    "ClassifierSettings",
+    "ImportanceWeightedBounds",
+    "PosteriorMeanStatistics",
+    "SampleClassifier",
+    "active_units",
+    "bernoulli_nll_per_sample",
+    "classifier_score",
+    "count_active_units",
+    "diagonal_gaussian_log_density",
+    "fid_unavailable_reason",
+    "importance_weighted_bounds",
+    "importance_weighted_nll",
+    "label_histogram",
+    "label_kl",
+    "load_or_train_classifier",
+    "predict_probabilities",
+    "standard_normal_log_density",
+    "train_classifier",
+]

@@ -1,0 +1,214 @@
+"""IW-NLL against the closed-form likelihood of probabilistic PCA, plus its numerics and chunking.
+
+Linear-Gaussian model (Tipping & Bishop 1999): z ~ N(0, I_D), x | z ~ N(W z + b, s^2 I_P), so
+p(x) = N(b, W W^T + s^2 I) exactly, and the posterior is Gaussian,
+q*(z|x) = N(M^-1 W^T (x - b), s^2 M^-1) with M = W^T W + s^2 I. Choosing W with orthogonal
+columns makes M diagonal, so q* is exactly representable by a diagonal-Gaussian encoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vae.eval import (
+    bernoulli_nll_per_sample,
+    diagonal_gaussian_log_density,
+    importance_weighted_bounds,
+    importance_weighted_nll,
+    standard_normal_log_density,
+)
+from vae.losses import bernoulli_nll, gaussian_nll
+from vae.models import GaussianVAE
+
+DTYPE = torch.float64
+LATENT, PIXELS, SIGMA = 3, 6, 0.5
+
+
+class LinearGaussianVAE(nn.Module):
+    """PPCA decoder with an affine diagonal-Gaussian encoder (exact or deliberately wrong)."""
+
+    likelihood_name = "gaussian"
+
+    def __init__(self, W, b, sigma, enc_matrix, enc_offset, enc_logvar):
+        super().__init__()
+        self.W, self.b, self.log_sigma = W, b, math.log(sigma)
+        self.enc_matrix, self.enc_offset, self.enc_logvar = enc_matrix, enc_offset, enc_logvar
+        self.latent_dim = W.shape[1]
+        self.decode_rows: list[int] = []
+
+    def encode(self, x):
+        mu = x @ self.enc_matrix.T + self.enc_offset
+        return mu, self.enc_logvar.expand_as(mu)
+
+    def decode(self, z):
+        self.decode_rows.append(math.prod(z.shape[:-1]))
+        return z @ self.W.T + self.b
+
+    def reconstruction_nll(self, params, x):
+        return gaussian_nll(params, x, self.log_sigma)
+
+
+def ppca(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(PIXELS, LATENT, generator=generator, dtype=DTYPE))
+    scales = torch.tensor([2.0, 1.0, 0.5], dtype=DTYPE)
+    W = q * scales  # orthogonal columns: W^T W = diag(scales^2)
+    b = torch.randn(PIXELS, generator=generator, dtype=DTYPE)
+    return W, b
+
+
+def exact_posterior(W, b, sigma):
+    m_diag = (W * W).sum(0) + sigma**2  # M = W^T W + s^2 I, diagonal
+    enc_matrix = W.T / m_diag.unsqueeze(1)  # M^-1 W^T
+    return enc_matrix, -enc_matrix @ b, torch.log(sigma**2 / m_diag)
+
+
+def exact_nll(W, b, sigma, x):
+    covariance = W @ W.T + sigma**2 * torch.eye(PIXELS, dtype=DTYPE)
+    return -torch.distributions.MultivariateNormal(b, covariance).log_prob(x)
+
+
+def exact_negative_elbo(model, x):
+    """-ELBO in closed form: -E_q log p(x|z) + KL(q || N(0, I)) for the linear-Gaussian model."""
+    mu, logvar = model.encode(x)
+    var = logvar.exp()
+    residual = x - mu @ model.W.T - model.b
+    trace = (var * (model.W * model.W).sum(0)).sum(-1)  # tr(W diag(var) W^T)
+    s2 = SIGMA**2
+    expected_nll = 0.5 * PIXELS * math.log(2 * math.pi * s2) + (
+        residual.square().sum(-1) + trace
+    ) / (2 * s2)
+    kl = 0.5 * (var + mu.square() - 1 - logvar).sum(-1)
+    return expected_nll + kl
+
+
+def data(W, b, n, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, LATENT, generator=generator, dtype=DTYPE)
+    return z @ W.T + b + SIGMA * torch.randn(n, PIXELS, generator=generator, dtype=DTYPE)
+
+
+@pytest.mark.parametrize("k,chunk_size", [(1, 1), (10, 3), (257, 64)])
+def test_exact_posterior_gives_the_exact_nll_for_any_k(k, chunk_size):
+    W, b = ppca()
+    model = LinearGaussianVAE(W, b, SIGMA, *exact_posterior(W, b, SIGMA))
+    x = data(W, b, 50)
+    generator = torch.Generator().manual_seed(0)
+    nll = importance_weighted_nll(model, x, k, chunk_size, generator)
+    # With q = p(z|x) every weight p(x, z)/q(z|x) equals p(x): no Monte Carlo error at all.
+    torch.testing.assert_close(nll, exact_nll(W, b, SIGMA, x), rtol=0, atol=1e-9)
+
+
+def test_wrong_encoder_bound_tightens_with_k_towards_the_exact_nll():
+    W, b = ppca()
+    enc_matrix, enc_offset, enc_logvar = exact_posterior(W, b, SIGMA)
+    # Shrunk, shifted and too wide: an amortisation gap of about 1.2 nats per example.
+    model = LinearGaussianVAE(W, b, SIGMA, 0.8 * enc_matrix, enc_offset + 0.3, enc_logvar + 0.7)
+    x = data(W, b, 400)
+    exact = exact_nll(W, b, SIGMA, x)
+    elbo_gap = float((exact_negative_elbo(model, x) - exact).mean())  # -ELBO - NLL > 0
+    assert elbo_gap > 1.0  # the wrong encoder really is wrong
+    generator = torch.Generator().manual_seed(0)
+    gaps, errors = {}, {}
+    for k in (1, 10, 100, 1000, 5000):
+        bounds = importance_weighted_bounds(model, x, k, chunk_size=500, generator=generator)
+        excess = bounds.nll_iw - exact
+        gaps[k] = float(excess.mean())
+        errors[k] = 3.0 * float(excess.std() / math.sqrt(x.shape[0]))  # 3 Monte Carlo s.e.
+        # NLL <= NLL_iw(k) <= -ELBO (k = 1 is -ELBO in expectation, hence the noise term).
+        assert -errors[k] < gaps[k] < elbo_gap + errors[k], (k, gaps[k], errors[k])
+        # Its bias falls like 1/k (Burda et al. 2016): a tolerance that shrinks with k.
+        assert abs(gaps[k]) < 3.0 * elbo_gap / k + errors[k], (k, gaps[k], errors[k])
+    ks = sorted(gaps)
+    for small, large in zip(ks, ks[1:], strict=False):
+        assert gaps[small] - gaps[large] > -(errors[small] + errors[large]), gaps
+    assert gaps[10] < 0.2 * elbo_gap and abs(gaps[5000]) < 0.01, gaps
+
+
+def test_chunking_bounds_the_decoder_batch_and_not_the_result():
+    W, b = ppca()
+    enc = exact_posterior(W, b, SIGMA)
+    model = LinearGaussianVAE(W, b, SIGMA, enc[0], enc[1] + 0.2, enc[2] + 0.5)
+    x = data(W, b, 8)
+    results = []
+    for chunk_size in (1, 37, 5000):
+        model.decode_rows.clear()
+        generator = torch.Generator().manual_seed(3)
+        results.append(importance_weighted_nll(model, x, 5000, chunk_size, generator))
+        assert max(model.decode_rows) == 8 * min(chunk_size, 5000)
+        assert sum(model.decode_rows) == 8 * 5000
+    # Different chunkings draw different samples; with k = 5000 they agree within noise.
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=0, atol=0.05)
+
+
+def test_gaussian_log_densities_match_torch_distributions():
+    generator = torch.Generator().manual_seed(0)
+    z, mu = torch.randn(2, 5, 4, generator=generator, dtype=DTYPE)
+    logvar = torch.randn(5, 4, generator=generator, dtype=DTYPE)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    torch.testing.assert_close(diagonal_gaussian_log_density(z, mu, logvar), q.log_prob(z).sum(-1))
+    prior = torch.distributions.Normal(torch.zeros(()), torch.ones(()))
+    torch.testing.assert_close(standard_normal_log_density(z), prior.log_prob(z).sum(-1))
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 200.0])
+def test_fast_bernoulli_nll_equals_the_loss_library(scale):
+    generator = torch.Generator().manual_seed(0)
+    logits = scale * torch.randn(4, 7, 784, generator=generator)
+    targets = torch.rand(4, 784, generator=generator)
+    targets[:2] = targets[:2].round()  # binary and grey-level rows
+    fast = bernoulli_nll_per_sample(logits, targets)
+    reference = bernoulli_nll(
+        logits.reshape(28, 784), targets.unsqueeze(1).expand(4, 7, 784).reshape(28, 784)
+    ).view(4, 7)
+    torch.testing.assert_close(fast, reference, rtol=2e-5, atol=1e-3)
+
+
+class _GenericPath(nn.Module):
+    """Hides ``likelihood_name`` so the model's own reconstruction_nll is used."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def encode(self, x):
+        return self.model.encode(x)
+
+    def decode(self, z):
+        return self.model.decode(z)
+
+    def reconstruction_nll(self, params, x):
+        return self.model.reconstruction_nll(params, x)
+
+
+def test_bernoulli_vae_fast_path_equals_the_models_own_likelihood():
+    torch.manual_seed(0)
+    model = GaussianVAE(image_shape=(1, 8, 8), hidden_dims=[32], latent_dim=4).eval()
+    x = torch.bernoulli(torch.rand(6, 1, 8, 8))
+    fast = importance_weighted_bounds(model, x, 64, 16, torch.Generator().manual_seed(5))
+    slow = importance_weighted_bounds(
+        _GenericPath(model), x, 64, 16, torch.Generator().manual_seed(5)
+    )
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert fast.nll_iw.shape == (6,) and bool((fast.nll_iw <= -fast.elbo + 1e-3).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"k": 0}, "k must be a positive integer"), ({"k": 5, "chunk_size": 0}, "chunk_size")],
+)
+def test_bad_arguments_name_themselves(kwargs, match):
+    model = GaussianVAE(image_shape=(1, 8, 8), hidden_dims=[8], latent_dim=2)
+    with pytest.raises(ValueError, match=match):
+        importance_weighted_nll(model, torch.rand(2, 1, 8, 8), **kwargs)
+
+
+def test_a_model_without_the_protocol_is_refused():
+    with pytest.raises(ValueError, match="encode"):
+        importance_weighted_nll(nn.Linear(2, 2), torch.rand(2, 2), 3)

@@ -1,0 +1,210 @@
+"""The test-split numbers of one model, as a ``{tag: value}`` dict (tags from :mod:`vae.tags`).
+
+Plain functions over in-memory batches: ``vae-eval`` calls them, and so can a notebook.
+
+* :func:`gaussian_vae_metrics`: ELBO, IW-NLL, bits/dim, active units, KL (total and per dim).
+* :func:`sample_score_metrics`: label KL and classifier score of generated samples.
+* :func:`vqvae_metrics` / :func:`vqvae_prior_metrics`: reconstruction MSE, perplexity and
+  codebook usage over the whole split; the prior's bits/dim.
+
+All likelihood terms are nats per example, averaged over the examples of the split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vae import tags
+from vae.eval.active_units import PosteriorMeanStatistics, count_active_units
+from vae.eval.nll import importance_weighted_bounds
+from vae.eval.sample_scores import classifier_score, label_kl, predict_probabilities
+from vae.losses import bits_per_dim, codebook_usage, perplexity
+
+__all__ = [
+    "batches_of",
+    "gaussian_vae_metrics",
+    "sample_score_metrics",
+    "vqvae_metrics",
+    "vqvae_prior_metrics",
+]
+
+Progress = Callable[[int], None]
+
+
+def batches_of(images: Tensor, batch_size: int, device: torch.device | str | None = None):
+    """Consecutive batches of ``images`` (N, ...), moved to ``device``."""
+    for start in range(0, images.shape[0], batch_size):
+        yield images[start : start + batch_size].to(device)
+
+
+class _Means:
+    """Running float64 sums of per-example values, for split means weighted by example."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: dict[str, Tensor] = {}
+
+    def add(self, **values: Tensor) -> None:
+        for name, value in values.items():
+            total = value.detach().double().sum(0)
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+
+    def mean(self, name: str) -> Tensor:
+        return self.sums[name] / self.count
+
+
+@torch.no_grad()
+def gaussian_vae_metrics(
+    model,
+    batches: Iterable[Tensor],
+    k: int,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Test metrics of a Gaussian VAE over ``batches`` (the split), averaged per example.
+
+    * ``test/nll_iw``: -L_k, the importance-weighted bound with k samples (Burda et al. 2016);
+    * ``test/elbo``: -(recon + kl) with the exact KL and a k-sample reconstruction term;
+    * ``test/recon``, ``test/kl`` and ``test/kl_per_dim`` (a list, nats per dimension);
+    * ``test/bits_per_dim``: ``test/nll_iw`` / (pixels * ln 2);
+    * ``test/active_units``: dimensions with Var_x(E_q[z_d]) > 0.01;
+    * ``test/num_examples`` and ``test/importance_samples`` (k), to state the protocol.
+    """
+    means = _Means()
+    posterior_means = PosteriorMeanStatistics()
+    num_pixels = None
+    for x in batches:
+        bounds = importance_weighted_bounds(model, x, k, chunk_size, generator)
+        means.count += x.shape[0]
+        means.add(nll_iw=bounds.nll_iw, recon=bounds.recon, kl_per_dim=bounds.kl_per_dim)
+        posterior_means.update(model.encode(x)[0])
+        num_pixels = math.prod(x.shape[1:])
+        if progress is not None:
+            progress(means.count)
+    if means.count == 0:
+        raise ValueError("batches is empty: there is nothing to evaluate.")
+    kl_per_dim = means.mean("kl_per_dim")
+    recon, kl, nll_iw = (
+        float(means.mean("recon")),
+        float(kl_per_dim.sum()),
+        float(means.mean("nll_iw")),
+    )
+    return {
+        tags.TEST_NLL_IW: nll_iw,
+        tags.TEST_ELBO: -(recon + kl),
+        tags.TEST_RECON: recon,
+        tags.TEST_KL: kl,
+        tags.TEST_KL_PER_DIM: kl_per_dim.tolist(),
+        tags.TEST_BITS_PER_DIM: float(bits_per_dim(nll_iw, num_pixels)),
+        tags.TEST_ACTIVE_UNITS: count_active_units(posterior_means.variance),
+        tags.TEST_NUM_EXAMPLES: means.count,
+        tags.TEST_IMPORTANCE_SAMPLES: k,
+    }
+
+
+@torch.no_grad()
+def sample_score_metrics(
+    samples: Tensor, classifier, real_images: Tensor, real_labels: Tensor
+) -> dict[str, float]:
+    """Label KL and classifier score of ``samples``, with the classifier's figures on real data.
+
+    * ``test/label_kl``: KL(predicted-label histogram of the samples || label histogram of
+      ``real_labels``), nats;
+    * ``test/classifier_score``: exp(E_x KL(p(y|x) || p(y))) of the samples;
+    * ``test/classifier_score_real``: the same score of ``real_images``, the reference value;
+    * ``test/classifier_accuracy``: the classifier's accuracy on ``real_images``, so a weak
+      classifier is visible next to the scores it gives.
+    """
+    sample_probabilities = predict_probabilities(classifier, samples)
+    real_probabilities = predict_probabilities(classifier, real_images)
+    accuracy = (real_probabilities.argmax(-1).cpu() == real_labels.cpu()).double().mean()
+    return {
+        tags.TEST_LABEL_KL: float(label_kl(sample_probabilities, real_labels.to(samples.device))),
+        tags.TEST_CLASSIFIER_SCORE: float(classifier_score(sample_probabilities)),
+        tags.TEST_CLASSIFIER_SCORE_REAL: float(classifier_score(real_probabilities)),
+        tags.TEST_CLASSIFIER_ACCURACY: float(accuracy),
+        tags.TEST_NUM_SAMPLES: int(samples.shape[0]),
+    }
+
+
+@torch.no_grad()
+def vqvae_metrics(
+    model, batches: Iterable[Tensor], progress: Progress | None = None
+) -> dict[str, Any]:
+    """Test metrics of a VQ-VAE over the whole split.
+
+    The model needs ``encode_indices(x) -> LongTensor (B, *grid)``, ``decode_indices(indices)``
+    (decoder parameters), ``decoder_mean(params)``, ``reconstruction_nll(params, x) -> (B,)``
+    and ``num_codes``.
+
+    * ``test/recon_mse``: mean over examples and pixels of (decoder mean - x)^2;
+    * ``test/recon``: -log p(x | e), nats per example;
+    * ``test/perplexity``: exp(H) of the code histogram of the *whole split* (not a mean of
+      per-batch perplexities, which would understate the codes in use);
+    * ``test/codebook_usage``: fraction of the K codes used at least once in the split.
+    """
+    means = _Means()
+    counts = None
+    num_pixels = None
+    for x in batches:
+        indices = model.encode_indices(x)
+        params = model.decode_indices(indices)
+        mean = model.decoder_mean(params)
+        batch_counts = torch.bincount(indices.flatten(), minlength=model.num_codes)
+        counts = batch_counts if counts is None else counts + batch_counts
+        means.count += x.shape[0]
+        means.add(
+            squared_error=(mean - x).square().flatten(1).mean(1),
+            recon=model.reconstruction_nll(params, x),
+        )
+        num_pixels = math.prod(x.shape[1:])
+        if progress is not None:
+            progress(means.count)
+    if means.count == 0:
+        raise ValueError("batches is empty: there is nothing to evaluate.")
+    del num_pixels
+    return {
+        tags.TEST_RECON_MSE: float(means.mean("squared_error")),
+        tags.TEST_RECON: float(means.mean("recon")),
+        tags.TEST_PERPLEXITY: float(perplexity(counts)),
+        tags.TEST_CODEBOOK_USAGE: float(codebook_usage(counts)),
+        tags.TEST_NUM_EXAMPLES: means.count,
+    }
+
+
+@torch.no_grad()
+def vqvae_prior_metrics(
+    model, batches: Iterable[Tensor], progress: Progress | None = None
+) -> dict[str, Any]:
+    """Test metrics of a VQ-VAE with its learned prior: the terms of its ``compute_terms``.
+
+    ``test/kl`` = -log p(codes) under the prior (nats per example), ``test/recon``,
+    ``test/elbo`` = -(recon + kl) and ``test/bits_per_dim`` = -elbo / (pixels * ln 2).
+    """
+    means = _Means()
+    num_pixels = None
+    for x in batches:
+        _, terms = model.compute_terms(x, step=0)
+        means.count += x.shape[0]
+        # compute_terms returns batch means; weight them by the batch size.
+        means.add(**{name: terms[name].reshape(1) * x.shape[0] for name in ("recon", "kl")})
+        num_pixels = math.prod(x.shape[1:])
+        if progress is not None:
+            progress(means.count)
+    if means.count == 0:
+        raise ValueError("batches is empty: there is nothing to evaluate.")
+    recon, kl = float(means.mean("recon")), float(means.mean("kl"))
+    elbo = -(recon + kl)
+    return {
+        tags.TEST_RECON: recon,
+        tags.TEST_KL: kl,
+        tags.TEST_ELBO: elbo,
+        tags.TEST_BITS_PER_DIM: float(bits_per_dim(-elbo, num_pixels)),
+        tags.TEST_NUM_EXAMPLES: means.count,
+    }
