@@ -140,6 +140,11 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data, _convert_="all")
+    if not getattr(datamodule, "download", False):
+        # Read the data now, before any logger or checkpoint exists: a missing or damaged
+        # dataset then fails with nothing written. (setup() is idempotent; Lightning's own call
+        # later does nothing. With download=true, Lightning's prepare_data() comes first.)
+        datamodule.setup("fit")
     model = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
     model.configure_guard(**(cfg.get("trainer_guard") or {}))
     ckpt_path = cfg.get("ckpt_path")
