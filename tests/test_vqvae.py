@@ -141,11 +141,13 @@ def test_quantizer_state_travels_in_the_state_dict():
     assert torch.equal(fresh.quantizer.codebook, model.quantizer.codebook)
 
 
-def test_code_histogram_image_has_one_bar_per_code_sorted():
-    image = code_histogram_image(torch.tensor([0.0, 10.0, 5.0, 0.0]), height=10)
-    assert image.shape == (1, 10, 4)
-    assert image[0].sum(0).tolist() == [10.0, 5.0, 0.0, 0.0]
+def test_code_histogram_image_has_one_log_scaled_bar_per_code_sorted():
+    image = code_histogram_image(torch.tensor([0.0, 99.0, 9.0, 0.0, 1.0]), height=10)
+    assert image.shape == (1, 10, 5)
+    # log(1 + c) / log(100) * 10: 99 -> 10, 9 -> 5, 1 -> ceil(1.5) = 2, unused -> 0
+    assert image[0].sum(0).tolist() == [10.0, 5.0, 2.0, 0.0, 0.0]
     assert image[0, -1, 0] == 1.0 and image[0, 0, 0] == 1.0  # full bar, bottom to top
+    assert image[0, -1, 1] == 1.0 and image[0, 0, 1] == 0.0  # bars grow from the bottom
 
 
 # --- the prior network ---------------------------------------------------------------------------

@@ -49,10 +49,15 @@ def resolve_code_dim(code_dim: int | None, latent_dim: int | None) -> int:
 
 
 def code_histogram_image(counts: torch.Tensor, height: int = HISTOGRAM_HEIGHT) -> torch.Tensor:
-    """(1, height, K) image in {0, 1}: one bar per code, most used left, height ~ count."""
+    """(1, height, K) image in {0, 1}: one bar per code, most used left.
+
+    Bar heights are log(1 + count) / log(1 + max count): one code usually dominates (the
+    background of the images), and on a linear scale every other bar would be a sliver. An
+    unused code has no bar, so the empty right end is the unused part of the codebook.
+    """
     counts = counts.detach().double().cpu().sort(descending=True).values
-    peak = counts[0] if counts[0] > 0 else torch.tensor(1.0, dtype=torch.float64)
-    bar_heights = torch.round(counts / peak * height)
+    scaled = torch.log1p(counts) / math.log1p(max(float(counts[0]), 1.0))
+    bar_heights = torch.ceil(scaled * height)  # any use gives at least one pixel
     rows_from_bottom = torch.arange(height, 0, -1, dtype=torch.float64).unsqueeze(1)
     return (rows_from_bottom <= bar_heights.unsqueeze(0)).float().unsqueeze(0)
 

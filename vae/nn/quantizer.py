@@ -382,7 +382,7 @@ class VectorQuantizer(nn.Module):
         flat_in = self._flatten(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = flat_in.float()
-            if self.training and not bool(self.initialised):
+            if self.training and self.kmeans_init and not bool(self.initialised):
                 self._initialise_by_kmeans(flat.detach())
             codebook = self.codebook.float()
             with torch.no_grad():
