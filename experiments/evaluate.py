@@ -156,10 +156,10 @@ def model_metrics(model, images, settings: DictConfig, device) -> dict[str, Any]
 
     batches = batches_of(images, settings.batch_size, device)
     total = images.shape[0]
-    if hasattr(model, "encode_indices"):
-        return vqvae_metrics(model, batches, _progress("codes", total))
-    if hasattr(model, "prior") and hasattr(model, "codes"):
+    if hasattr(model, "prior") and hasattr(model, "vqvae"):
         return vqvae_prior_metrics(model, batches, _progress("prior", total))
+    if hasattr(model, "encode_indices") and hasattr(model, "num_codes"):
+        return vqvae_metrics(model, batches, _progress("codes", total))
     if all(hasattr(model, m) for m in ("encode", "decode", "reconstruction_nll")):
         generator = torch.Generator(device=device).manual_seed(settings.seed)
         return gaussian_vae_metrics(

@@ -36,6 +36,7 @@ def tag(prefix: str, name: str) -> str:
     """``tag("val", "kl") == "val/kl"``: build a tag from a split prefix and a term name."""
     return f"{prefix}/{name}"
 
+
 # Reliability
 TRAIN_SKIPPED_BATCHES = "train/skipped_batches"  # non-finite batches skipped (trainer_guard)
 
@@ -92,7 +93,9 @@ VQVAE_PRIOR_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_BITS_PER_D
 # Test split, written by `vae-eval` (vae.eval.suite) into the run's TensorBoard and metrics.json.
 #   test/nll_iw          -log (1/k) sum_i p(x, z_i) / q(z_i|x), k = test/importance_samples (nats)
 #   test/elbo            -(test/recon + test/kl), exact KL, k-sample reconstruction term (nats)
-#   test/bits_per_dim    test/nll_iw / (pixels x ln 2); for a VQ-VAE prior: -test/elbo / (...)
+#   test/bits_per_dim    Gaussian VAE: test/nll_iw / (pixels x ln 2); VQ-VAE: -test/elbo / (pixels
+#                        x ln 2) with test/kl the rate under the uniform prior (latent positions x
+#                        log K), or under the learned prior (-log p(codes)) for a VQ-VAE prior run
 #   test/active_units    units with Var_x(E_q[z_d]) > 0.01 (Burda et al. 2016)
 #   test/kl_per_dim      histogram in TensorBoard, a list (nats per dimension) in metrics.json
 #   test/recon_mse       VQ-VAE: mean squared error per pixel of the decoder mean

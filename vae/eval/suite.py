@@ -139,28 +139,28 @@ def vqvae_metrics(
 ) -> dict[str, Any]:
     """Test metrics of a VQ-VAE over the whole split.
 
-    The model needs ``encode_indices(x) -> LongTensor (B, *grid)``, ``decode_indices(indices)``
-    (decoder parameters), ``decoder_mean(params)``, ``reconstruction_nll(params, x) -> (B,)``
-    and ``num_codes``.
+    The model needs ``model(x) -> (decoder params, quantizer output with .indices)``,
+    ``decoder_mean(params)``, ``reconstruction_nll(params, x) -> (B,)``, ``num_codes`` and
+    ``rate`` (latent positions x log K nats: the KL against the uniform prior).
 
     * ``test/recon_mse``: mean over examples and pixels of (decoder mean - x)^2;
     * ``test/recon``: -log p(x | e), nats per example;
     * ``test/perplexity``: exp(H) of the code histogram of the *whole split* (not a mean of
       per-batch perplexities, which would understate the codes in use);
-    * ``test/codebook_usage``: fraction of the K codes used at least once in the split.
+    * ``test/codebook_usage``: fraction of the K codes used at least once in the split;
+    * ``test/kl``, ``test/elbo``, ``test/bits_per_dim``: with the uniform prior over codes, as
+      in ``val/*``; a trained prior (``vqvae_prior_metrics``) gives the tighter numbers.
     """
     means = _Means()
     counts = None
     num_pixels = None
     for x in batches:
-        indices = model.encode_indices(x)
-        params = model.decode_indices(indices)
-        mean = model.decoder_mean(params)
-        batch_counts = torch.bincount(indices.flatten(), minlength=model.num_codes)
+        params, quantized = model(x)
+        batch_counts = torch.bincount(quantized.indices.flatten(), minlength=model.num_codes)
         counts = batch_counts if counts is None else counts + batch_counts
         means.count += x.shape[0]
         means.add(
-            squared_error=(mean - x).square().flatten(1).mean(1),
+            squared_error=(model.decoder_mean(params.float()) - x).square().flatten(1).mean(1),
             recon=model.reconstruction_nll(params, x),
         )
         num_pixels = math.prod(x.shape[1:])
@@ -168,12 +168,15 @@ def vqvae_metrics(
             progress(means.count)
     if means.count == 0:
         raise ValueError("batches is empty: there is nothing to evaluate.")
-    del num_pixels
+    recon, kl = float(means.mean("recon")), float(model.rate)
     return {
         tags.TEST_RECON_MSE: float(means.mean("squared_error")),
-        tags.TEST_RECON: float(means.mean("recon")),
+        tags.TEST_RECON: recon,
         tags.TEST_PERPLEXITY: float(perplexity(counts)),
         tags.TEST_CODEBOOK_USAGE: float(codebook_usage(counts)),
+        tags.TEST_KL: kl,
+        tags.TEST_ELBO: -(recon + kl),
+        tags.TEST_BITS_PER_DIM: float(bits_per_dim(recon + kl, num_pixels)),
         tags.TEST_NUM_EXAMPLES: means.count,
     }
 
@@ -182,29 +185,29 @@ def vqvae_metrics(
 def vqvae_prior_metrics(
     model, batches: Iterable[Tensor], progress: Progress | None = None
 ) -> dict[str, Any]:
-    """Test metrics of a VQ-VAE with its learned prior: the terms of its ``compute_terms``.
+    """Test metrics of a VQ-VAE with its learned prior (``VQVAEPrior``: ``.vqvae``, ``.prior``).
 
-    ``test/kl`` = -log p(codes) under the prior (nats per example), ``test/recon``,
-    ``test/elbo`` = -(recon + kl) and ``test/bits_per_dim`` = -elbo / (pixels * ln 2).
+    The frozen VQ-VAE's own numbers (:func:`vqvae_metrics`), then with the prior p(c):
+    ``test/kl`` = -log p(c(x)) = KL(one-hot q || p) (nats per example), ``test/elbo`` =
+    -(recon + kl), a lower bound on log p(x) of the whole model, and ``test/bits_per_dim`` =
+    -elbo / (pixels * ln 2).
     """
-    means = _Means()
-    num_pixels = None
+    batches = list(batches)
+    metrics = vqvae_metrics(model.vqvae, batches)
+    total_kl, done = 0.0, 0
     for x in batches:
-        _, terms = model.compute_terms(x, step=0)
-        means.count += x.shape[0]
-        # compute_terms returns batch means; weight them by the batch size.
-        means.add(**{name: terms[name].reshape(1) * x.shape[0] for name in ("recon", "kl")})
-        num_pixels = math.prod(x.shape[1:])
+        total_kl += float(model.prior.nll(model.codes(x).indices).double().sum())
+        done += x.shape[0]
         if progress is not None:
-            progress(means.count)
-    if means.count == 0:
-        raise ValueError("batches is empty: there is nothing to evaluate.")
-    recon, kl = float(means.mean("recon")), float(means.mean("kl"))
-    elbo = -(recon + kl)
-    return {
-        tags.TEST_RECON: recon,
-        tags.TEST_KL: kl,
-        tags.TEST_ELBO: elbo,
-        tags.TEST_BITS_PER_DIM: float(bits_per_dim(-elbo, num_pixels)),
-        tags.TEST_NUM_EXAMPLES: means.count,
-    }
+            progress(done)
+    kl = total_kl / metrics[tags.TEST_NUM_EXAMPLES]
+    recon = metrics[tags.TEST_RECON]
+    num_pixels = math.prod(batches[0].shape[1:])
+    metrics.update(
+        {
+            tags.TEST_KL: kl,
+            tags.TEST_ELBO: -(recon + kl),
+            tags.TEST_BITS_PER_DIM: float(bits_per_dim(recon + kl, num_pixels)),
+        }
+    )
+    return metrics
