@@ -14,7 +14,7 @@ The sampler stays a plain per-example ``Sampler`` wrapped by the ``DataLoader``'
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from vae.data.binarize import sample_binary
 from vae.data.seeds import BINARIZE_TRAIN_STREAM, SHUFFLE_STREAM, seeded_generator
@@ -47,6 +47,11 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = 0
         # Told the epoch whenever one starts (the dataset re-keys its binarization noise).
         self.on_epoch = on_epoch
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, examples_done: int) -> None:
+        """Make epoch ``epoch`` start after its first ``examples_done`` examples (mid-epoch resume)."""
+        self._resume = (epoch, examples_done)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -60,6 +65,9 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self.order(self.epoch)
+        if self._resume is not None and self._resume[0] == self.epoch:
+            order = order[self._resume[1] :]
+        self._resume = None
         if self.on_epoch is not None:
             self.on_epoch(self.epoch)
         self.epoch += 1
@@ -81,8 +89,8 @@ class ImageTensorDataset(Dataset):
     processes sees the same binary images.
 
     In the main process (``num_workers=0``, the default) the sampler calls
-    :meth:`start_epoch` as each epoch begins, and the stream is re-keyed with the epoch, so
-    epoch ``e``'s noise depends only on ``(seed, rank, e)``: a run resumed at an epoch boundary
+    :meth:`start_epoch` as each epoch begins, and each batch's noise is drawn from a generator
+    keyed by ``(seed, rank, epoch, first example of the batch)``: a run resumed at any batch
     draws exactly the noise of an uninterrupted run. Worker processes keep one stream per
     worker (their copy of the dataset does not see the epoch).
     """
@@ -130,17 +138,45 @@ class ImageTensorDataset(Dataset):
             self._generator_key = key
         return self._generator
 
-    def _maybe_binarize(self, images: torch.Tensor) -> torch.Tensor:
+    def _maybe_binarize(self, images: torch.Tensor, first_index: int | None = None) -> torch.Tensor:
         if self.resample_seed is None:
             return images
+        if first_index is not None and self._epoch is not None and get_worker_info() is None:
+            # Each batch's noise is a function of (seed, rank, epoch, its first example), so a
+            # run resumed mid-epoch draws exactly what the uninterrupted run drew.
+            generator = seeded_generator(
+                BINARIZE_TRAIN_STREAM,
+                self.resample_seed,
+                self.process_rank,
+                self._epoch,
+                first_index,
+            )
+            return sample_binary(images, generator)
         return sample_binary(images, self._binarize_generator())
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return self._maybe_binarize(self.images[index]), self.labels[index]
+        first = int(indices[0]) if len(indices) else None
+        return self._maybe_binarize(self.images[index], first), self.labels[index]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._maybe_binarize(self.images[index]), self.labels[index]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that Lightning treats as resumable mid-epoch.
+
+    The position itself travels in the DataModule's ``state_dict`` (the trainer's count of
+    processed batches, which unlike the loader knows nothing of prefetching) and reaches the
+    sampler through :meth:`EpochShuffleSampler.resume_at`; these methods only declare the
+    loader stateful so that Lightning does not warn that it is not.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
 
 
 def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
-from vae.data.batching import EpochShuffleSampler, ImageTensorDataset, keep_batch
+from vae.data.batching import (
+    EpochShuffleSampler,
+    ImageTensorDataset,
+    ResumableDataLoader,
+    keep_batch,
+)
 from vae.data.binarize import check_binarize_mode, sample_binary
 from vae.data.seeds import BINARIZE_FIXED_STREAM, WORKER_STREAM, seeded_generator
 from vae.data.splits import ImageSplit
@@ -85,6 +90,7 @@ class InMemoryDataModule(L.LightningDataModule):
             check_integer_setting(seed, "data.seed", 0, "Leave it unset to use the global seed.")
         self.seed = seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self._resume_position: tuple[int, int] | None = None
         self.train_split: ImageSplit | None = None
         self.val_split: ImageSplit | None = None
         self.test_split: ImageSplit | None = None
@@ -133,7 +139,7 @@ class InMemoryDataModule(L.LightningDataModule):
             )
 
     def _loader(self, dataset: ImageTensorDataset, sampler: Sampler[int], seed: int) -> DataLoader:
-        return DataLoader(
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -160,7 +166,24 @@ class InMemoryDataModule(L.LightningDataModule):
             process_rank=self.trainer.global_rank if self.trainer is not None else 0,
         )
         sampler = EpochShuffleSampler(len(split), seed, on_epoch=dataset.start_epoch)
+        if self._resume_position is not None:
+            epoch, batches_done = self._resume_position
+            sampler.resume_at(epoch, batches_done * self.batch_size)
+            self._resume_position = None
         return self._loader(dataset, sampler, seed)
+
+    # --- mid-epoch resume: where in the epoch a checkpoint was taken ------------------------
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: the epoch and the training batches already processed in it."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def _eval_loader(self, split: ImageSplit | None) -> DataLoader:
         self._require_setup()
