@@ -22,7 +22,7 @@ train: $(STAMP)
 	$(BIN)/vae-train $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --durations=15 --nbmake tests notebooks $(ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(ARGS)
