@@ -161,7 +161,7 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )
 
-    if resume_step is None:  # a resumed run already has its HParams record
+    if resume_step is None and trainer.is_global_zero:  # a resumed run already has its record
         resolved = OmegaConf.to_container(cfg, resolve=True)
         hparams = {
             key: value
