@@ -259,8 +259,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         _discard_unused_outputs(run_dir)
         print(f"vae-train: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print("View the runs with: tensorboard --logdir " + str(cfg.paths.log_dir))
-    print(run_dir)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # DDP workers run this too; one report is enough
+        print("View the runs with: tensorboard --logdir " + str(cfg.paths.log_dir))
+        print(run_dir)
     return metrics.get("val/loss")
 
 

@@ -232,3 +232,14 @@ def test_deterministic_runs_are_bitwise_equal(tmp_path: Path):
     for metrics in (first, second):
         metrics.pop(tags.TRAIN_SAMPLES_PER_S)
     assert first == second
+
+
+def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path: Path):
+    proc = run_cli("vae-train", "trainer=ddp_cpu", "trainer.max_epochs=1", *QUICK, cwd=tmp_path)
+    assert proc.stdout.count("tensorboard --logdir") == 1
+    run_dirs = [p.parent for p in (tmp_path / "logs").rglob("metrics.json")]
+    assert len(run_dirs) == 1 and run_dirs[0] == tmp_path / last_line(proc.stdout)
+    metrics = _metrics(run_dirs[0])
+    # 1437 training digits split over 2 processes: 12 steps of 64 per process.
+    assert metrics["global_step"] == 12
+    assert len(list(run_dirs[0].glob("events.out.tfevents.*"))) == 1

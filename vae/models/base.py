@@ -249,7 +249,8 @@ class LatentVariableModule(pl.LightningModule):
 
     def log_val_epoch_scalar(self, name: str, value: float | torch.Tensor) -> None:
         """A scalar computed once per validation epoch (e.g. active units)."""
-        self.log(tags.tag("val", name), float(value), on_step=False, on_epoch=True)
+        # Computed from statistics already summed over processes: identical on every rank.
+        self.log(tags.tag("val", name), float(value), on_step=False, on_epoch=True, sync_dist=True)
 
     def log_val_histogram(self, name: str, values: torch.Tensor) -> None:
         if self.trainer.is_global_zero:
