@@ -9,6 +9,7 @@ This file only wires objects together; the maths lives in ``vae.losses`` and ``v
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -130,22 +131,25 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
 
     from vae import tags
     from vae.checkpoints import AtomicCheckpointIO, check_compatible, read_checkpoint
-    from vae.config import validate_config
+    from vae.config import apply_aliases, validate_config
     from vae.runs import write_metrics
     from vae.tensorboard import flatten_config, log_hparams
 
+    apply_aliases(cfg)
     validate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.data, _convert_="all")
+    with _config_errors():
+        datamodule = instantiate(cfg.data, _convert_="all")
     if not getattr(datamodule, "download", False):
         # Read the data now, before any logger or checkpoint exists: a missing or damaged
         # dataset then fails with nothing written. (setup() is idempotent; Lightning's own call
         # later does nothing. With download=true, Lightning's prepare_data() comes first.)
         datamodule.setup("fit")
-    model = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+    with _config_errors():
+        model = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
     model.configure_guard(**(cfg.get("trainer_guard") or {}))
     ckpt_path = cfg.get("ckpt_path")
     resume_step = None
@@ -193,6 +197,23 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.finalize("success")
     return metrics
+
+
+@contextlib.contextmanager
+def _config_errors():
+    """A ValueError raised while building an object from config (it names the key, e.g.
+    ``model.hidden_dims``) becomes a ConfigError: a one-line message, not a traceback."""
+    from hydra.errors import InstantiationException
+
+    from vae.config import ConfigError
+
+    try:
+        yield
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ValueError) and not isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from None
+        raise
 
 
 def _build_logger(logger_cfg: DictConfig, resume_step: int | None):

@@ -45,6 +45,12 @@ CLI_CASES = [
     ),
     CliCase("empty_hidden_dims", ["model.hidden_dims=[]"], ["model.hidden_dims"]),
     CliCase("zero_lr", ["model.lr=0"], ["model.lr"]),
+    CliCase(
+        "image_too_small_for_conv",
+        ["model.arch=conv", "model.hidden_dims=[8,8,8,8,8]"],
+        ["model.hidden_dims", "at most"],
+    ),
+    CliCase("vqvae_mlp", ["model=vqvae", "model.arch=mlp"], ["model.arch"]),
     CliCase("unknown_group_option", ["model=nosuchmodel"], ["nosuchmodel"]),
     CliCase("unknown_key", ["model.nosuchkey=1"], ["nosuchkey"]),
     # data

@@ -92,7 +92,11 @@ BINARIZE = ("none", "static", "dynamic")
 
 RULES: tuple[Rule, ...] = (
     Rule("model.arch", one_of(*ARCHS), f"one of {', '.join(ARCHS)}"),
-    Rule("model.hidden_dims", positive_int_list, "a non-empty list of positive integers, e.g. [512,256]"),
+    Rule(
+        "model.hidden_dims",
+        positive_int_list,
+        "a non-empty list of positive integers, e.g. [512,256]",
+    ),
     Rule("model.latent_dim", positive_int, "a positive integer"),
     Rule("model.likelihood", one_of(*LIKELIHOODS), f"one of {', '.join(LIKELIHOODS)}"),
     Rule("model.sigma", positive_number, "a positive number (the fixed likelihood scale)"),
@@ -187,3 +191,17 @@ VQ_RULES: tuple[Rule, ...] = (
     Rule("model.temperature", positive_number, "a positive number (sampling temperature)"),
 )
 RULES = RULES + VQ_RULES
+
+
+def apply_aliases(cfg: DictConfig) -> None:
+    """Resolve ``model.latent_dim`` as an alias of ``model.code_dim`` (VQ-VAE configs).
+
+    The VQ-VAE config sets ``latent_dim: ${model.code_dim}``, so ``model.code_dim=N`` moves
+    both. A user who writes ``model.latent_dim=N`` instead replaced that interpolation: then
+    ``code_dim`` follows it. Either key alone therefore works, as the contract promises.
+    """
+    model = cfg.get("model")
+    if model is None or "code_dim" not in model or "latent_dim" not in model:
+        return
+    if not OmegaConf.is_interpolation(model, "latent_dim") and model.latent_dim is not None:
+        model.code_dim = model.latent_dim
