@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from vae.eval.active_units import count_active_units
 from vae.losses import (
     BetaKL,
     CapacityKL,
@@ -31,8 +32,6 @@ from vae.losses import (
 )
 from vae.models.base import LatentVariableModule
 from vae.nn import build_decoder, build_encoder
-
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit d is active if Cov_x(E_q[z_d]) > 0.01
 
 
 def kl_regulariser(
@@ -247,9 +246,7 @@ class GaussianVAE(LatentVariableModule):
     def on_validation_epoch_end(self) -> None:
         stats = self.validation_statistics()
         if stats is not None:
-            self.log_val_epoch_scalar(
-                "active_units", (stats["mu_variance"] > ACTIVE_UNIT_THRESHOLD).sum()
-            )
+            self.log_val_epoch_scalar("active_units", count_active_units(stats["mu_variance"]))
             self.log_val_histogram("kl_per_dim", stats["kl_per_dim"])
         self._reset_validation_stats()
         super().on_validation_epoch_end()
