@@ -161,6 +161,9 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
 
     loggers = [_build_logger(c, resume_step) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if OmegaConf.select(cfg, "trainer.enable_progress_bar") is False:
+        # Lightning refuses a progress-bar callback when the bar is off: honour the switch.
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )

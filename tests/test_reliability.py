@@ -88,7 +88,7 @@ def test_sigkill_at_a_random_point_then_resume_has_no_gaps(tmp_path: Path):
         "trainer.max_epochs=1000",
         "seed=5",
         "trainer.log_every_n_steps=1",
-        "callbacks.step_checkpoint.every_n_train_steps=7",
+        "callbacks.last_checkpoint.every_n_train_steps=7",
         *QUICK,
     ]
     proc = subprocess.Popen(
@@ -146,7 +146,7 @@ def test_nan_injected_through_config_stops_with_term_and_step(tmp_path: Path):
         "trainer.max_epochs=3",
         "trainer_guard.inject_nan_term=kl",
         "trainer_guard.inject_nan_step=30",
-        "callbacks.step_checkpoint.every_n_train_steps=10",
+        "callbacks.last_checkpoint.every_n_train_steps=10",
         *QUICK,
         cwd=tmp_path,
         check=False,

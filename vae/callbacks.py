@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -74,9 +75,12 @@ class RNGStates(pl.Callback):
         self._pending: dict | None = None
 
     def state_dict(self) -> dict:
+        # NumPy's state is stored as plain values and a tensor, so that checkpoints stay
+        # loadable with torch.load(weights_only=True) (e.g. Model.load_from_checkpoint).
+        kind, keys, position, has_gauss, cached = np.random.get_state()
         state = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -90,8 +94,43 @@ class RNGStates(pl.Callback):
         if self._pending is None:
             return
         random.setstate(self._pending["python"])
-        np.random.set_state(self._pending["numpy"])
+        kind, keys, position, has_gauss, cached = self._pending["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
         torch.set_rng_state(self._pending["torch"])
         if "cuda" in self._pending and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self._pending["cuda"])
         self._pending = None
+
+
+class LastCheckpoint(pl.Callback):
+    """Keeps ``<dirpath>/last.ckpt`` the latest state: after every training epoch (after its
+    validation) and every ``every_n_train_steps`` optimizer steps.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only when it also
+    saved a top-k checkpoint at that step, so once ``val/loss`` stops improving its
+    ``last.ckpt`` falls behind the run. Writes go through the trainer (rank 0, the atomic
+    checkpoint IO of ``vae.checkpoints``).
+    """
+
+    FILENAME = "last.ckpt"
+
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = 200) -> None:
+        self.dirpath = dirpath
+        self.every_n_train_steps = every_n_train_steps or 0
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.dirpath, self.FILENAME)
+
+    def _save(self, trainer) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
