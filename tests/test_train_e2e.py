@@ -7,10 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.cli import last_line, load_events, run_cli, scalar_series
 from vae import tags
+from vae.models import GaussianVAE
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +46,15 @@ def test_run_directory_holds_contract_files(digits_run: Path):
     assert list(digits_run.glob("events.out.tfevents.*")), "event files must sit in the run dir"
     # The run directory lives under logs/<name>/ so that `tensorboard --logdir logs` finds it.
     assert digits_run.parent.name == "vae_digits"
+
+
+def test_last_checkpoint_is_the_final_model_and_loads_safely(digits_run: Path):
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    last = digits_run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)  # no pickled objects beyond plain data
+    assert checkpoint["global_step"] == metrics["global_step"] == 3 * 23
+    model = GaussianVAE.load_from_checkpoint(last)
+    assert model.latent_dim == 8
 
 
 def test_every_contract_tag_reads_back(digits_run: Path):
