@@ -115,3 +115,29 @@ def test_nonfinite_loss_stops_with_term_and_step_and_keeps_checkpoint(tmp_path):
     assert saved["global_step"] == 6
     weights = saved["state_dict"]
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nonfinite_gradient_stops_naming_the_parameter(tmp_path):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.rand(64, 1, 8, 8).round(), torch.zeros(64, dtype=torch.long))
+    model = GaussianVAE(image_shape=(1, 8, 8), hidden_dims=[16], latent_dim=2)
+    weight = (
+        model.decoder.net[0].weight
+        if hasattr(model.decoder, "net")
+        else next(model.decoder.parameters())
+    )
+    name = next(n for n, p in model.named_parameters() if p is weight)
+    # The loss stays finite; only this parameter's gradient turns NaN, at step 3.
+    weight.register_hook(lambda g: g * float("nan") if model.global_step == 3 else g)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=rf"non-finite gradient of {name} at training step 3"
+    ):
+        trainer.fit(model, DataLoader(data, batch_size=16))
