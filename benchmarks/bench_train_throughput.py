@@ -107,7 +107,7 @@ def main() -> None:
         "torch": torch.__version__,
         "bare_samples_per_s": statistics.median(bare),
         "lightning_samples_per_s": statistics.median(lightning),
-        "ratio": statistics.median(l / b for l, b in zip(lightning, bare, strict=True)),
+        "ratio": statistics.median([lit / b for lit, b in zip(lightning, bare, strict=True)]),
         "ratio_of_medians": statistics.median(lightning) / statistics.median(bare),
         "bare_all": bare,
         "lightning_all": lightning,
