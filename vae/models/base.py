@@ -157,7 +157,7 @@ class LatentVariableModule(pl.LightningModule):
         # NaN and inf propagate through sums: one finite total proves every entry finite, in a
         # single pass and one host sync (cheaper than a norm). Only a non-finite total, which a
         # sum of huge finite values can also give, pays for the elementwise search below.
-        total = torch.stack([g.sum(dtype=torch.float64) for _, g in named]).sum()
+        total = torch.stack([g.sum() for _, g in named]).sum()
         if bool(torch.isfinite(total)):
             return
         if all(bool(torch.isfinite(g).all()) for _, g in named):
