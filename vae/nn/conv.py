@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from vae.nn.blocks import downsample_conv, make_activation, spatial_sizes, upsample_conv
-from vae.nn.validation import check_latent, image_shape, positive_int, positive_int_list
+from vae.nn.validation import (
+    check_images,
+    check_latent,
+    image_shape,
+    positive_int,
+    positive_int_list,
+)
 
 HIDDEN_DIMS_NAME = "hidden_dims (config key model.hidden_dims)"
 
@@ -63,11 +69,7 @@ class ConvEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"x must have shape (batch, {', '.join(map(str, self.input_shape))}), "
-                f"got {tuple(x.shape)}."
-            )
+        check_images(x, self.input_shape)
         return self.net(x)
 
 

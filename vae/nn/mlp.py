@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from vae.nn.blocks import make_activation
-from vae.nn.validation import check_latent, image_shape, positive_int, positive_int_list
+from vae.nn.validation import (
+    check_images,
+    check_latent,
+    image_shape,
+    positive_int,
+    positive_int_list,
+)
 
 
 class MLPEncoder(nn.Module):
@@ -54,11 +60,7 @@ class MLPEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"x must have shape (batch, {', '.join(map(str, self.input_shape))}), "
-                f"got {tuple(x.shape)}."
-            )
+        check_images(x, self.input_shape)
         return self.net(x)
 
 

@@ -56,3 +56,11 @@ def check_latent(z, latent_dim: int) -> tuple[int, ...]:
             f"got {tuple(z.shape)}."
         )
     return tuple(z.shape[:-1])
+
+
+def check_images(x, input_shape: tuple[int, int, int]) -> None:
+    """Check that ``x`` is a (batch, C, H, W) batch of the shape an encoder was built for."""
+    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(
+            f"x must have shape (batch, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}."
+        )

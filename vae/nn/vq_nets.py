@@ -16,7 +16,7 @@ from torch import nn
 
 from vae.nn.blocks import ResidualStack, downsample_conv, spatial_sizes, upsample_conv
 from vae.nn.conv import HIDDEN_DIMS_NAME
-from vae.nn.validation import image_shape, positive_int, positive_int_list
+from vae.nn.validation import check_images, image_shape, positive_int, positive_int_list
 
 CODE_DIM_NAME = "code_dim (config key model.code_dim)"
 
@@ -63,11 +63,7 @@ class VQEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"x must have shape (batch, {', '.join(map(str, self.input_shape))}), "
-                f"got {tuple(x.shape)}."
-            )
+        check_images(x, self.input_shape)
         return self.net(x)
 
 
