@@ -116,10 +116,32 @@ def read_config(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     if config_file.is_file():
         container = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
         config = flatten_config(container)
+        config = _resolve_group_choices(config, run_dir / ".hydra" / "hydra.yaml")
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
         overrides = [str(o) for o in (OmegaConf.load(overrides_file) or [])]
     return config, overrides
+
+
+def _resolve_group_choices(config: dict[str, Any], hydra_file: Path) -> dict[str, Any]:
+    """Replace ``${choice:model}`` (vae-train's default run name) by the group option the run
+    used, read from the run's saved ``hydra.runtime.choices``."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    if not hydra_file.is_file():
+        return config
+    pattern = re.compile(r"\$\{choice:([\w/]+)\}")
+    if not any(isinstance(v, str) and pattern.search(v) for v in config.values()):
+        return config
+    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
+    return {
+        key: pattern.sub(lambda m: str(choices.get(m.group(1), m.group(0))), value)
+        if isinstance(value, str)
+        else value
+        for key, value in config.items()
+    }
 
 
 def read_run(run_dir: Path) -> Run:
@@ -225,6 +247,8 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
+    # Run labels are config values: a '$' in one must print as itself, not start mathtext.
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
