@@ -180,3 +180,17 @@ def test_classifier_settings_name_the_bad_key(key, value):
 def test_fid_is_skipped_with_a_one_line_reason_when_weights_are_missing():
     reason = fid_unavailable_reason()
     assert reason is None or (reason.startswith("FID skipped: ") and "\n" not in reason)
+
+
+def test_posterior_mean_statistics_reduced_over_processes_equal_one_pass():
+    """Two 'processes' each see half the data; summing their statistics gives the whole."""
+    mu = torch.randn(40, 3, dtype=torch.float64) * torch.tensor([0.05, 1.0, 3.0])
+    whole, halves = PosteriorMeanStatistics(), [PosteriorMeanStatistics() for _ in range(2)]
+    whole.update(mu)
+    halves[0].update(mu[:25])
+    halves[1].update(mu[25:])
+    packed = []  # each process's packed sums, as the all-reduce would receive them
+    halves[1].reduce(lambda t: packed.append(t) or t)
+    halves[0].reduce(lambda t: t + packed[0])  # the all-reduce seen from process 0
+    assert halves[0].count == 40
+    torch.testing.assert_close(halves[0].variance, whole.variance)

@@ -11,7 +11,7 @@ KL is then typically ~0 nats as well).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -49,6 +49,17 @@ class PosteriorMeanStatistics:
         self.count += mu.shape[0]
         self._sum += mu.sum(0)
         self._sum_sq += mu.square().sum(0)
+
+    def reduce(self, sum_over_processes: Callable[[Tensor], Tensor]) -> None:
+        """Combine with the other processes' statistics (DDP): ``sum_over_processes`` sums a
+        tensor across processes, e.g. ``lambda t: strategy.reduce(t, reduce_op="sum")``."""
+        if self._sum is None:
+            raise ValueError("no posterior means were added; call update(mu) with a batch first.")
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self._sum.device)
+        packed = sum_over_processes(torch.cat([self._sum, self._sum_sq, count]))
+        dims = self._sum.shape[0]
+        self._sum, self._sum_sq = packed[:dims], packed[dims : 2 * dims]
+        self.count = int(packed[-1])
 
     @property
     def variance(self) -> Tensor:

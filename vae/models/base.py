@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from vae import tags
+from vae.losses import get_likelihood
 from vae.tensorboard import log_histogram, log_image_grid
 
 
@@ -106,6 +107,27 @@ class LatentVariableModule(pl.LightningModule):
             inject_nan_term=inject_nan_term,
             inject_nan_step=inject_nan_step,
         )
+
+    # --- the likelihood p(x | latent), shared by every model ---------------------------------
+    def set_likelihood(self, name: str, log_sigma: torch.Tensor | float = 0.0) -> None:
+        """Use ``vae.losses`` likelihood ``name``; ``log_sigma`` is the Gaussian/Laplace scale.
+
+        ``log_sigma`` may be a float, a buffer or a parameter the subclass registered itself.
+        """
+        self.likelihood_name = name
+        self.likelihood = get_likelihood(name)
+        if not isinstance(log_sigma, torch.Tensor):
+            self.log_sigma = log_sigma
+
+    def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-log p(x | latent) in nats per example, shape (B,), from raw decoder outputs."""
+        if self.likelihood_name == "bernoulli":
+            return self.likelihood(params, x, validate=False)
+        return self.likelihood(params, x, self.log_sigma, validate=False)
+
+    def decoder_mean(self, params: torch.Tensor) -> torch.Tensor:
+        """E[x | latent] for display: sigmoid(logits) for Bernoulli, the location otherwise."""
+        return torch.sigmoid(params) if self.likelihood_name == "bernoulli" else params
 
     # --- subclass interface -------------------------------------------------------------
     def compute_terms(

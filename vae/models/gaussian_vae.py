@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from vae.eval.active_units import count_active_units
+from vae.eval.active_units import PosteriorMeanStatistics, count_active_units
 from vae.losses import (
     BetaKL,
     CapacityKL,
@@ -28,7 +28,6 @@ from vae.losses import (
     LinearWarmup,
     compute_elbo,
     gaussian_kl,
-    get_likelihood,
 )
 from vae.models.base import LatentVariableModule
 from vae.nn import build_decoder, build_encoder
@@ -107,13 +106,12 @@ class GaussianVAE(LatentVariableModule):
             arch, self.image_shape, hidden_dims, latent_dim, logvar_clamp=logvar_clamp
         )
         self.decoder = build_decoder(arch, latent_dim, hidden_dims, self.image_shape)
-        self.likelihood_name = likelihood
-        self.likelihood = get_likelihood(likelihood)
         log_sigma = torch.full((self.image_shape[0], 1, 1), math.log(sigma))
         if learn_sigma:
             self.log_sigma = nn.Parameter(log_sigma)
         else:
             self.register_buffer("log_sigma", log_sigma)
+        self.set_likelihood(likelihood, self.log_sigma)
         self.regulariser = kl_regulariser(
             kl_schedule,
             beta=beta,
@@ -141,16 +139,6 @@ class GaussianVAE(LatentVariableModule):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw decoder outputs: Bernoulli logits or the Gaussian/Laplace location."""
         return self.decoder(z)
-
-    def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """-log p(x|z) in nats per example, shape (B,)."""
-        if self.likelihood_name == "bernoulli":
-            return self.likelihood(params, x, validate=False)
-        return self.likelihood(params, x, self.log_sigma, validate=False)
-
-    def decoder_mean(self, params: torch.Tensor) -> torch.Tensor:
-        """E[x|z] for display: sigmoid(logits) for Bernoulli, the location otherwise."""
-        return torch.sigmoid(params) if self.likelihood_name == "bernoulli" else params
 
     @staticmethod
     def reparameterise(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -201,44 +189,28 @@ class GaussianVAE(LatentVariableModule):
 
     # --- per-epoch validation statistics --------------------------------------------------
     def _reset_validation_stats(self) -> None:
-        self._val_count = 0
-        self._val_mu_sum = None
-        self._val_mu_sq_sum = None
-        self._val_kl_sum = None
+        self._val_mu = PosteriorMeanStatistics()  # E_q[z] over the epoch, for active units
+        self._val_kl_sum: torch.Tensor | None = None  # (D,) KL summed over the epoch's examples
 
     def _accumulate_validation_stats(self, mu: torch.Tensor, kl_per_dim: torch.Tensor) -> None:
         """Running sums over the epoch; ``kl_per_dim`` is this batch's mean KL per dimension."""
-        mu = mu.detach().double()
-        if self._val_mu_sum is None:
-            self._val_mu_sum = torch.zeros(mu.shape[1], dtype=torch.float64, device=mu.device)
-            self._val_mu_sq_sum = torch.zeros_like(self._val_mu_sum)
-            self._val_kl_sum = torch.zeros_like(self._val_mu_sum)
-        self._val_count += mu.shape[0]
-        self._val_mu_sum += mu.sum(0)
-        self._val_mu_sq_sum += (mu * mu).sum(0)
-        self._val_kl_sum += kl_per_dim.detach().double() * mu.shape[0]
+        self._val_mu.update(mu)
+        kl_sum = kl_per_dim.detach().double() * mu.shape[0]
+        self._val_kl_sum = kl_sum if self._val_kl_sum is None else self._val_kl_sum + kl_sum
 
     def validation_statistics(self) -> dict[str, torch.Tensor] | None:
         """Per-dimension KL (nats, mean over the epoch) and Var_x(E_q[z_d]), summed over ranks."""
-        if self._val_mu_sum is None:
+        if self._val_kl_sum is None:
             return None
-        stacked = torch.cat(
-            [
-                self._val_mu_sum,
-                self._val_mu_sq_sum,
-                self._val_kl_sum,
-                torch.tensor(
-                    [float(self._val_count)], dtype=torch.float64, device=self._val_mu_sum.device
-                ),
-            ]
-        )
+        kl_sum = self._val_kl_sum
         if self._trainer is not None and self.trainer.world_size > 1:
-            stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
-        d = self.latent_dim
-        n = stacked[-1]
-        mean = stacked[:d] / n
-        variance = (stacked[d : 2 * d] / n - mean**2).clamp_min(0.0)
-        return {"kl_per_dim": stacked[2 * d : 3 * d] / n, "mu_variance": variance}
+
+            def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+                return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+            self._val_mu.reduce(sum_over_processes)
+            kl_sum = sum_over_processes(kl_sum)
+        return {"kl_per_dim": kl_sum / self._val_mu.count, "mu_variance": self._val_mu.variance}
 
     def on_validation_epoch_start(self) -> None:
         self._reset_validation_stats()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vae import tags
-from vae.losses import codebook_usage, get_likelihood, perplexity, uniform_prior_rate
+from vae.losses import codebook_usage, perplexity, uniform_prior_rate
 from vae.models.base import LatentVariableModule
 from vae.nn import VectorQuantizer, VQDecoder, VQEncoder
 from vae.tensorboard import log_image_grid
@@ -134,11 +134,9 @@ class VQVAE(LatentVariableModule):
         )
         self.grid_shape = self.encoder.grid_shape
         self.num_codes = self.quantizer.num_codes
-        self.likelihood_name = likelihood
-        self.likelihood = get_likelihood(likelihood)
         if not sigma > 0:
             raise ValueError(f"model.sigma must be > 0, got {sigma}.")
-        self.log_sigma = math.log(sigma)
+        self.set_likelihood(likelihood, math.log(sigma))
         self.num_pixels = math.prod(self.image_shape)
         self.rate = uniform_prior_rate(math.prod(self.grid_shape), self.num_codes)
         self._val_code_counts: torch.Tensor | None = None
@@ -154,14 +152,7 @@ class VQVAE(LatentVariableModule):
 
     def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """-log p(x | e) in nats per example, shape (B,); computed in float32."""
-        params = params.float()
-        if self.likelihood_name == "bernoulli":
-            return self.likelihood(params, x, validate=False)
-        return self.likelihood(params, x, self.log_sigma, validate=False)
-
-    def decoder_mean(self, params: torch.Tensor) -> torch.Tensor:
-        """E[x | e] for display: sigmoid(logits) for Bernoulli, the location otherwise."""
-        return torch.sigmoid(params) if self.likelihood_name == "bernoulli" else params
+        return super().reconstruction_nll(params.float(), x)
 
     def forward(self, x: torch.Tensor):
         """(decoder outputs, quantizer output) for images ``x``."""
