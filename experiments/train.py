@@ -84,22 +84,24 @@ def _dir_suffix(overrides: str, limit: int = 120) -> str:
     return f"_{text}"
 
 
+def _resumed_run_dir(ckpt_path: str | None) -> Path | None:
+    """The run a checkpoint belongs to (``<run>/checkpoints/*.ckpt``), or None: a new run."""
+    if not ckpt_path:
+        return None
+    checkpoint = Path(ckpt_path).expanduser().resolve()
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
 def _resume_dir(ckpt_path: str | None, new_run_dir: str) -> str:
-    """Where a run writes: the checkpoint's own run directory when resuming from
-    ``<run>/checkpoints/*.ckpt``, else a new directory."""
-    if ckpt_path:
-        checkpoint = Path(ckpt_path).expanduser().resolve()
-        if checkpoint.parent.name == "checkpoints":
-            return str(checkpoint.parent.parent)
-    return new_run_dir
+    """Where a run writes: the checkpoint's own run directory when resuming, else a new one."""
+    resumed = _resumed_run_dir(ckpt_path)
+    return str(resumed) if resumed is not None else new_run_dir
 
 
 def _config_subdir(ckpt_path: str | None) -> str:
     """Hydra's config folder: ``.hydra`` for a new run; a resumed run keeps the original
     ``.hydra/config.yaml`` and records its own under ``.hydra/resume_<time>``."""
-    if ckpt_path and Path(ckpt_path).expanduser().resolve().parent.name == "checkpoints":
-        return f".hydra/resume_{_ATTEMPT}"
-    return ".hydra"
+    return f".hydra/resume_{_ATTEMPT}" if _resumed_run_dir(ckpt_path) else ".hydra"
 
 
 def _register_resolvers() -> None:
@@ -233,9 +235,7 @@ def _build_logger(logger_cfg: DictConfig, resume_step: int | None):
 
 def _log_file_name(ckpt_path: str | None) -> str:
     """The job log: ``train.log``; a resume logs to its own file and leaves the first alone."""
-    if ckpt_path and Path(ckpt_path).expanduser().resolve().parent.name == "checkpoints":
-        return f"train_resume_{_ATTEMPT}.log"
-    return "train.log"
+    return f"train_resume_{_ATTEMPT}.log" if _resumed_run_dir(ckpt_path) else "train.log"
 
 
 def _discard_unused_outputs(run_dir: Path) -> None:

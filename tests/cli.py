@@ -11,6 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Overrides for test runs of vae-train: the CPU, and no progress bar in captured output.
+QUICK = ["trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
 
 
 def run_cli(

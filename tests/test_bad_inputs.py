@@ -16,11 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import last_line, run_cli
+from tests.cli import QUICK, last_line, run_cli
 from tests.test_data_mnist import fake_arrays, write_dataset
 from vae import losses
-
-QUICK = ["trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.train import CONFIG_DIR
+from tests.cli import QUICK, run_cli
 from vae.config import validate_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -113,8 +114,7 @@ def _tiny(tool: str, args: list[str]) -> list[str]:
         return out + [
             "trainer.limit_train_batches=2",
             "trainer.limit_val_batches=1",
-            "trainer.accelerator=cpu",
-            "callbacks.progress_bar.refresh_rate=0",
+            *QUICK,
         ]
     if tool == "vae-eval":
         out = [a for a in args if not a.startswith("eval.k=")]
@@ -124,8 +124,6 @@ def _tiny(tool: str, args: list[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_readme_commands_run_in_order(tmp_path: Path):
-    from tests.cli import run_cli
-
     ran = []
     for command in readme_shell_commands():
         words = shlex.split(command)

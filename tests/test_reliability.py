@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import BIN, last_line, load_events, run_cli, scalar_series
+from tests.cli import BIN, QUICK, last_line, load_events, run_cli, scalar_series
 from vae import tags
 from vae.checkpoints import read_checkpoint
 
 pytestmark = pytest.mark.slow
 
-QUICK = ["trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
 # train_samples_per_s is a timing; everything else must match.
 TIMINGS = {tags.TRAIN_SAMPLES_PER_S}
 

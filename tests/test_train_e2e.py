@@ -10,13 +10,11 @@ import pytest
 import torch
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.cli import last_line, load_events, run_cli, scalar_series
+from tests.cli import QUICK, last_line, load_events, run_cli, scalar_series
 from vae import tags
 from vae.models import GaussianVAE
 
 pytestmark = pytest.mark.slow
-
-QUICK = ["trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
 
 
 @pytest.fixture(scope="module")

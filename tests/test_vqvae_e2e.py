@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import QUICK as CLI_QUICK
 from tests.cli import last_line, load_events, run_cli, scalar_series
 from vae import tags
 
 pytestmark = pytest.mark.slow
 
-QUICK = ["debug=limit", "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
+QUICK = ["debug=limit", *CLI_QUICK]
 
 
 @pytest.fixture(scope="module")
