@@ -132,7 +132,12 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from vae import tags
-    from vae.checkpoints import AtomicCheckpointIO, check_compatible, read_checkpoint
+    from vae.checkpoints import (
+        AtomicCheckpointIO,
+        check_compatible,
+        read_checkpoint,
+        remove_stale_temporaries,
+    )
     from vae.config import apply_aliases, validate_config
     from vae.runs import write_metrics
     from vae.tensorboard import flatten_config, log_hparams
@@ -170,6 +175,11 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )
 
+    resumed_run = _resumed_run_dir(ckpt_path)
+    if resumed_run is not None and trainer.is_global_zero:
+        # This process now owns the run: a writer killed mid-save left its temporary behind.
+        for stale in remove_stale_temporaries(resumed_run / "checkpoints"):
+            log.info("Removed %s, a checkpoint half-written when the last attempt stopped", stale)
     if resume_step is None and trainer.is_global_zero:  # a resumed run already has its record
         resolved = OmegaConf.to_container(cfg, resolve=True)
         hparams = {

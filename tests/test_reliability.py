@@ -18,7 +18,7 @@ import torch
 
 from tests.cli import BIN, QUICK, last_line, load_events, run_cli, scalar_series
 from vae import tags
-from vae.checkpoints import read_checkpoint
+from vae.checkpoints import AtomicCheckpointIO, read_checkpoint, remove_stale_temporaries
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +42,14 @@ def test_stop_after_2_epochs_and_resume_to_4_equals_4_straight(tmp_path: Path):
         run_cli("vae-train", "trainer.max_epochs=2", *common, cwd=tmp_path).stdout
     )
     checkpoint = first / "checkpoints" / "last.ckpt"
+    # What a writer killed mid-save leaves (see the SIGKILL test, which hits it only by chance).
+    stale = first / "checkpoints" / ".last.ckpt.k1ll3d.tmp"
+    stale.write_bytes(b"PK\x03\x04 half a zip")
     resumed = run_cli(
         "vae-train", "trainer.max_epochs=4", f"ckpt_path={checkpoint}", *common, cwd=tmp_path
     )
     assert Path(last_line(resumed.stdout)) == first.resolve(), "resume must reuse the run dir"
+    assert not stale.exists(), "the resumed run must remove the killed writer's temporary"
     straight = tmp_path / last_line(
         run_cli("vae-train", "trainer.max_epochs=4", *common, cwd=tmp_path).stdout
     )
@@ -79,6 +83,16 @@ def _wait_for_checkpoint(path: Path, min_step: int, proc: subprocess.Popen, time
                 return step
         time.sleep(0.2)
     raise AssertionError(f"no checkpoint with step >= {min_step} after {timeout}s")
+
+
+def test_remove_stale_temporaries_touches_only_checkpoint_temporaries(tmp_path: Path):
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "global_step": 3}, tmp_path / "last.ckpt")
+    for name in [".last.ckpt.a1.tmp", ".best-epoch=1.ckpt.b2.tmp", ".metrics.c3.tmp", "notes.tmp"]:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".best-epoch=1.ckpt.b2.tmp", ".last.ckpt.a1.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.c3.tmp", "last.ckpt", "notes.tmp"]
+    assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 3
 
 
 def test_sigkill_at_a_random_point_then_resume_has_no_gaps(tmp_path: Path):

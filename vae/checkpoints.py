@@ -6,6 +6,8 @@
   temporary file may live on another filesystem, where the final move is a copy.)
 * :func:`read_checkpoint` turns a missing, truncated or corrupted file into one clear
   :class:`CheckpointError`.
+* :func:`remove_stale_temporaries` deletes the temporary files that a killed writer left
+  behind; a resumed run calls it on its checkpoint folder before it writes there again.
 * :func:`check_compatible` compares a checkpoint with the model about to load it and names
   the differing config keys and tensors, instead of a bare ``size mismatch`` traceback.
 """
@@ -105,6 +107,23 @@ def _normalise(value: Any) -> Any:
     return value
 
 
+TEMPORARY_PATTERN = ".*.ckpt.*.tmp"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete ``AtomicCheckpointIO``'s leftover temporaries in ``folder``; return their paths.
+
+    A process killed between ``mkstemp`` and ``os.replace`` leaves ``.<name>.ckpt.<random>.tmp``
+    next to the intact previous checkpoint. Only the run that owns the folder may call this
+    (a resume does, before its trainer starts), because a live writer's file matches too.
+    """
+    removed = []
+    for stale in sorted(Path(folder).glob(TEMPORARY_PATTERN)):
+        stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose writes are atomic on a local filesystem."""
 
@@ -115,7 +134,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(
             dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-        )
+        )  # matches TEMPORARY_PATTERN
         try:
             with os.fdopen(fd, "wb") as handle:
                 torch.save(checkpoint, handle)
