@@ -86,12 +86,18 @@ def _wait_for_checkpoint(path: Path, min_step: int, proc: subprocess.Popen, time
 
 
 def test_remove_stale_temporaries_touches_only_checkpoint_temporaries(tmp_path: Path):
-    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "global_step": 3}, tmp_path / "last.ckpt")
+    AtomicCheckpointIO().save_checkpoint(
+        {"state_dict": {}, "global_step": 3}, tmp_path / "last.ckpt"
+    )
     for name in [".last.ckpt.a1.tmp", ".best-epoch=1.ckpt.b2.tmp", ".metrics.c3.tmp", "notes.tmp"]:
         (tmp_path / name).write_bytes(b"x")
     removed = remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".best-epoch=1.ckpt.b2.tmp", ".last.ckpt.a1.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.c3.tmp", "last.ckpt", "notes.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".metrics.c3.tmp",
+        "last.ckpt",
+        "notes.tmp",
+    ]
     assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 3
 
 
