@@ -22,6 +22,8 @@ The model needs only this protocol (``GaussianVAE`` provides it; any ``nn.Module
 
 * ``encode(x) -> (mu, logvar)``, each (B, D): q(z|x) = N(mu, diag exp(logvar));
 * ``decode(z)`` for z of shape (B, S, D) -> decoder parameters of shape (B, S, *event);
+  a ``decode(z, buffers=dict)`` that reuses its outputs across calls is used when offered
+  (its result is then scratch space for the likelihood, overwritten before the next call);
 * ``reconstruction_nll(params, x) -> (N,)``: -log p(x|z) in nats for N = B * S flattened rows.
 
 The prior is N(0, I). A model with ``likelihood_name == "bernoulli"`` takes a faster route to
@@ -31,6 +33,7 @@ model's own ``reconstruction_nll``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -50,11 +53,12 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-# Rows (examples x samples) per decoder call when chunk_size is not given. On a CPU, 2048 rows
-# keep a 784-pixel chunk's activations (~6 MB) in the last-level cache, with matrix multiplies
-# still at full speed; a GPU needs far more rows to be busy (an H200 runs ~10x faster with
-# 100k rows than with 2k), and 64k rows of 784 pixels take ~200 MB per activation.
-DEFAULT_ROWS_PER_CHUNK = {"cpu": 2048, "cuda": 65536}
+# Rows (examples x samples) per decoder call when chunk_size is not given. On a CPU, 3072 rows
+# keep a 784-pixel chunk's activations (~10 MB) in the last-level cache, with matrix multiplies
+# at full speed (2048 and 4096 rows measured 1-3% slower end to end with
+# benchmarks/bench_iw_nll.py --rows); a GPU needs far more rows to be busy (an H200 runs ~10x
+# faster with 100k rows than with 2k), and 64k rows of 784 pixels take ~200 MB per activation.
+DEFAULT_ROWS_PER_CHUNK = {"cpu": 3072, "cuda": 65536}
 
 
 def diagonal_gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -113,7 +117,7 @@ def _check_model(model: object) -> None:
 
 
 def default_chunk_size(batch_size: int, k: int, device: torch.device | str = "cpu") -> int:
-    """Samples per example per decoder call: about 2048 rows per call on a CPU, 65536 on a GPU."""
+    """Samples per example per decoder call: about 3072 rows per call on a CPU, 65536 on a GPU."""
     rows = DEFAULT_ROWS_PER_CHUNK["cuda" if torch.device(device).type == "cuda" else "cpu"]
     return max(1, min(k, rows // max(1, batch_size)))
 
@@ -123,22 +127,37 @@ def default_chunk_size(batch_size: int, k: int, device: torch.device | str = "cp
 MAX_FACTORS_PER_LOG = 64
 
 
-def _sum_of_logs_(factors: Tensor) -> Tensor:
+def _scratch(buffers: dict, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A (contiguous) tensor of ``shape`` kept in ``buffers[name]`` and reused while it is
+    big enough: on a CPU, fresh megabytes cost page faults on their first touch."""
+    numel = math.prod(shape)
+    flat = buffers.get(name)
+    if (
+        flat is None
+        or flat.numel() < numel
+        or flat.dtype != like.dtype
+        or flat.device != like.device
+    ):
+        flat = buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return flat[:numel].view(shape)
+
+
+def _sum_of_logs_(factors: Tensor, buffers: dict) -> Tensor:
     """sum over the last dim of log(factors), for factors in [1/2, 1); overwrites ``factors``.
 
-    The last dim is folded in half in place (the first half times the second) while it is even
-    and each product still has at most 64 factors: 784 -> 49 values of 16 factors each, so one
-    ``log`` serves 16 pixels.
+    The last dim is folded in half in place (the first half times the second) while it is
+    even and each product still has at most 64 factors: 784 -> 392 -> ... -> 49 values of 16
+    factors each, so one ``log`` serves 16 pixels. The logs go to a contiguous scratch buffer.
     """
     folded, factors_per_value = factors, 1
     while folded.shape[-1] % 2 == 0 and factors_per_value * 2 <= MAX_FACTORS_PER_LOG:
         half = folded.shape[-1] // 2
         folded = folded[..., :half].mul_(folded[..., half:])
         factors_per_value *= 2
-    return folded.log().sum(-1)
+    return torch.log(folded, out=_scratch(buffers, "logs", tuple(folded.shape), folded)).sum(-1)
 
 
-def bernoulli_nll_per_sample(logits: Tensor, x: Tensor, workspace: Tensor | None = None) -> Tensor:
+def bernoulli_nll_per_sample(logits: Tensor, x: Tensor, buffers: dict | None = None) -> Tensor:
     r"""-log Bernoulli(x | sigmoid(logits)) summed over pixels, for S samples of each example.
 
     The same number as :func:`vae.losses.bernoulli_nll` (tested to float32 rounding), arranged
@@ -158,36 +177,76 @@ def bernoulli_nll_per_sample(logits: Tensor, x: Tensor, workspace: Tensor | None
     Args:
         logits: (B, S, P) decoder logits for S samples of each of B examples, P pixels.
         x: (B, P) targets in [0, 1].
-        workspace: optional float tensor with at least B*S*P elements, reused for |l| so that a
-            loop over chunks does not allocate (and page in) a fresh buffer each time.
+        buffers: optional dict, empty at first, that a loop over chunks passes back on every
+            call so that the scratch tensors are allocated once.
 
     Returns:
         (B, S) NLL in nats.
     """
-    if workspace is None:
-        magnitude = logits.abs()
-    else:
-        magnitude = torch.abs(logits, out=workspace.view(-1)[: logits.numel()].view(logits.shape))
-    half_abs_sum = 0.5 * magnitude.sum(-1)
-    # (B, S, P) @ (B, P, 1). The weight vector is passed as a transposed view: on CPU this takes
-    # a matrix-vector path about ten times faster than bmm with a contiguous (B, P, 1) operand.
-    linear = torch.matmul(logits, (0.5 - x).unsqueeze(1).transpose(1, 2)).squeeze(-1)
-    return half_abs_sum + linear - _sum_of_logs_(torch.sigmoid_(magnitude))
-
-
-def _reconstruction_nll(model, params: Tensor, x: Tensor, workspace: Tensor | None) -> Tensor:
-    """-log p(x | z) for params (B, S, *event) and x (B, *event) -> (B, S) nats."""
-    batch, samples = params.shape[:2]
-    if getattr(model, "likelihood_name", None) == "bernoulli":
-        return bernoulli_nll_per_sample(
-            params.reshape(batch, samples, -1), x.reshape(batch, -1).to(params.dtype), workspace
-        )
-    targets = x.unsqueeze(1).expand(batch, samples, *x.shape[1:])
-    flat = model.reconstruction_nll(
-        params.reshape(batch * samples, *params.shape[2:]),
-        targets.reshape(batch * samples, *x.shape[1:]),
+    return _bernoulli_nll_per_sample(
+        logits, _centred_targets(x), {} if buffers is None else buffers
     )
-    return flat.view(batch, samples)
+
+
+def _centred_targets(x: Tensor) -> Tensor:
+    """(B, P) targets -> (B, P, 1) view of 1/2 - x, the matrix-vector operand of the NLL.
+
+    It is a transposed view of a (B, 1, P) tensor: on CPU, bmm then takes a matrix-vector path
+    about ten times faster than with a contiguous (B, P, 1) operand.
+    """
+    return (0.5 - x).unsqueeze(1).transpose(1, 2)
+
+
+def _bernoulli_nll_per_sample(
+    logits: Tensor, centred: Tensor, buffers: dict, overwrite: bool = False
+) -> Tensor:
+    """The NLL of :func:`bernoulli_nll_per_sample` from ``centred`` = 1/2 - x as (B, P, 1).
+    ``overwrite=True`` lets it use ``logits`` as its scratch space (one pass less)."""
+    linear = torch.matmul(logits, centred).squeeze(-1)  # (B, S, P) @ (B, P, 1)
+    if overwrite:
+        magnitude = logits.abs_()
+    else:
+        magnitude = torch.abs(
+            logits, out=_scratch(buffers, "magnitude", tuple(logits.shape), logits)
+        )
+    half_abs_sum = 0.5 * magnitude.sum(-1)
+    return half_abs_sum + linear - _sum_of_logs_(torch.sigmoid_(magnitude), buffers)
+
+
+def _reconstruction_nll_of(model, x: Tensor, overwrite: bool):
+    """A function params (B, S, *event) -> (B, S) nats of -log p(x | z) for this batch ``x``,
+    with the per-batch work (centred targets, scratch buffers) done once. ``overwrite``: the
+    params are the caller's to destroy."""
+    batch = x.shape[0]
+    if getattr(model, "likelihood_name", None) == "bernoulli":
+        centred, buffers = None, {}
+
+        def bernoulli(params: Tensor) -> Tensor:
+            nonlocal centred
+            logits = params.reshape(batch, params.shape[1], -1)
+            if centred is None:
+                centred = _centred_targets(x.reshape(batch, -1).to(logits.dtype))
+            return _bernoulli_nll_per_sample(logits, centred, buffers, overwrite)
+
+        return bernoulli
+
+    def generic(params: Tensor) -> Tensor:
+        samples = params.shape[1]
+        targets = x.unsqueeze(1).expand(batch, samples, *x.shape[1:])
+        flat = model.reconstruction_nll(
+            params.reshape(batch * samples, *params.shape[2:]),
+            targets.reshape(batch * samples, *x.shape[1:]),
+        )
+        return flat.view(batch, samples)
+
+    return generic
+
+
+def _accepts(function, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @torch.no_grad()
@@ -206,7 +265,7 @@ def importance_weighted_bounds(
         x: a batch, (B, *event), on the model's device.
         k: importance samples per example (Burda et al. report k = 5000).
         chunk_size: samples per example evaluated in one decoder call; ``None`` picks about
-            2048 rows per call on a CPU and 65536 on a GPU (:func:`default_chunk_size`). Peak
+            3072 rows per call on a CPU and 65536 on a GPU (:func:`default_chunk_size`). Peak
             memory grows with chunk_size * B, not with k.
         generator: the random stream for the samples (on ``x``'s device), for reproducible
             numbers; ``None`` uses the global one.
@@ -223,39 +282,45 @@ def importance_weighted_bounds(
     chunk_size = _positive_int("chunk_size", chunk_size)
 
     mu, logvar = model.encode(x)
-    latent_dim = mu.shape[-1]
     mu, std = mu.unsqueeze(1), torch.exp(0.5 * logvar).unsqueeze(1)  # (B, 1, D)
-    # log q(z|x) at z = mu + std * eps is -1/2 sum(log 2 pi + logvar + eps^2): the standardised
-    # residual is eps itself, so the density is exact and needs no division by std.
-    log_q_constant = -0.5 * (latent_dim * _LOG_2PI + logvar.sum(-1, keepdim=True))  # (B, 1)
+    # log w = log p(x|z) + log p(z) - log q(z|x). At z = mu + std * eps, q's standardised
+    # residual is eps itself, so (the log 2 pi terms cancel)
+    #   log p(z) - log q(z|x) = 1/2 sum_d (eps_d^2 - z_d^2) + 1/2 sum_d logvar_d,
+    # exact, with no division by std.
+    half_sum_logvar = 0.5 * logvar.sum(-1, keepdim=True)  # (B, 1)
 
-    log_sum_w = torch.full((batch,), -math.inf, dtype=torch.float64, device=x.device)
-    recon_sum = torch.zeros(batch, dtype=torch.float64, device=x.device)
-    fast_bernoulli = getattr(model, "likelihood_name", None) == "bernoulli"
-    workspace = None  # reused by the Bernoulli path across chunks
-    done = 0
-    while done < k:
-        samples = min(chunk_size, k - done)
+    # All k log weights and reconstruction terms are kept (B * k floats each), and reduced once.
+    log_w = torch.empty(batch, k, dtype=mu.dtype, device=x.device)
+    recon = torch.empty(batch, k, dtype=mu.dtype, device=x.device)
+    # Every chunk has the same shape, so a decoder that can reuse its layer outputs does; its
+    # output buffer is then ours, and the likelihood may use it as scratch space.
+    reuse = _accepts(model.decode, "buffers")
+    decode_kwargs = {"buffers": {}} if reuse else {}
+    reconstruction_nll = _reconstruction_nll_of(model, x, overwrite=reuse)
+    for start in range(0, k, chunk_size):
+        stop = min(start + chunk_size, k)
         # Samples are laid out (B, S, ...) so that each example's S rows are contiguous.
         eps = torch.randn(
-            (batch, samples, latent_dim), generator=generator, device=x.device, dtype=mu.dtype
+            (batch, stop - start, mu.shape[-1]),
+            generator=generator,
+            device=x.device,
+            dtype=mu.dtype,
         )
         z = torch.addcmul(mu, std, eps)
-        params = model.decode(z)  # (B, S, *event)
-        if fast_bernoulli and (workspace is None or workspace.numel() < params.numel()):
-            workspace = torch.empty(params.numel(), dtype=params.dtype, device=params.device)
-        recon_nll = _reconstruction_nll(model, params, x, workspace)  # (B, S)
-        log_q = log_q_constant - 0.5 * eps.square().sum(-1)
-        log_w = standard_normal_log_density(z) - log_q - recon_nll
-        log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, 1).double())
-        recon_sum += recon_nll.sum(1, dtype=torch.float64)
-        done += samples
+        chunk_recon = recon[:, start:stop]
+        chunk_recon.copy_(reconstruction_nll(model.decode(z, **decode_kwargs)))
+        prior_ratio = eps.square_().sub_(z.square_()).sum(-1)  # sum_d eps^2 - z^2, (B, S)
+        torch.sub(half_sum_logvar, chunk_recon, out=log_w[:, start:stop]).add_(
+            prior_ratio, alpha=0.5
+        )
 
-    nll_iw = -(log_sum_w - math.log(k))
+    nll_iw = math.log(k) - torch.logsumexp(log_w.double(), 1)
     mu = mu.squeeze(1)
     kl_per_dim = gaussian_kl(mu, logvar, validate=False)
     return ImportanceWeightedBounds(
-        nll_iw=nll_iw.to(mu.dtype), recon=(recon_sum / k).to(mu.dtype), kl_per_dim=kl_per_dim
+        nll_iw=nll_iw.to(mu.dtype),
+        recon=recon.sum(1, dtype=torch.float64).div_(k).to(mu.dtype),
+        kl_per_dim=kl_per_dim,
     )
 
 

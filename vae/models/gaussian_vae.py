@@ -136,8 +136,15 @@ class GaussianVAE(LatentVariableModule):
         """(mu, logvar) of q(z|x), each (B, latent_dim)."""
         return self.encoder(x)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw decoder outputs: Bernoulli logits or the Gaussian/Laplace location."""
+    def decode(self, z: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
+        """Raw decoder outputs: Bernoulli logits or the Gaussian/Laplace location.
+
+        ``buffers`` (a dict the caller keeps between calls) lets an MLP decoder reuse its
+        layer outputs without autograd (``MLPDecoder.forward_into``); the result is then
+        overwritten by the next call. Other decoders ignore it.
+        """
+        if buffers is not None and hasattr(self.decoder, "forward_into"):
+            return self.decoder.forward_into(z, buffers)
         return self.decoder(z)
 
     @staticmethod
