@@ -14,7 +14,7 @@ the dataset is installed, else Bernoulli(0.3) noise of the same shape.
 Matmul rate and IW-NLL are measured in alternation ``--repeats`` times; the report gives the
 best (least disturbed by other processes) and the median of each, and their ratios.
 
-    python benchmarks/bench_iw_nll.py [--k 1000] [--batch-size 64] [--rows 2048] [--repeats 5]
+    python benchmarks/bench_iw_nll.py [--k 1000] [--batch-size 64] [--rows 3072] [--repeats 10]
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def main() -> None:
         default=DEFAULT_ROWS_PER_CHUNK["cpu"],
         help="decoder rows per call (chunk_size = rows // batch size)",
     )
-    parser.add_argument("--batches", type=int, default=2, help="batches per timing")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=1, help="batches per timing")
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="default: torch's own")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "iw_nll.json"))
     args = parser.parse_args()
