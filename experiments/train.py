@@ -140,7 +140,10 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     )
     from vae.config import apply_aliases, validate_config
     from vae.runs import write_metrics
+    from vae.runtime import skip_failing_nvml_probe
     from vae.tensorboard import flatten_config, log_hparams
+
+    skip_failing_nvml_probe()  # Lightning's import set a CUDA check that costs every step
 
     apply_aliases(cfg)
     validate_config(cfg)

@@ -83,6 +83,17 @@ class LatentVariableModule(pl.LightningModule):
 
     guarded_terms: tuple[str, ...] = ()
 
+    # Plain attributes set in the hot loop: Lightning sets ``_current_fx_name`` around every
+    # hook call, ~46 times a training step. ``nn.Module.__setattr__`` first checks whether the
+    # value is a parameter, buffer or submodule (~2 us a call); these never are.
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_latest_train_terms"})
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __init__(
         self, optimizer: Callable[..., torch.optim.Optimizer] | None, num_images: int = 64
     ):
@@ -91,6 +102,7 @@ class LatentVariableModule(pl.LightningModule):
         self.num_images = num_images
         self._latest_train_terms: Mapping[str, torch.Tensor | float] | None = None
         self._val_batch_for_images: torch.Tensor | None = None
+        self._named_parameters: list[tuple[str, torch.nn.Parameter]] | None = None
         self.guard = NonFiniteGuard()
 
     def configure_guard(
@@ -169,11 +181,16 @@ class LatentVariableModule(pl.LightningModule):
             self.log_train_scalars(terms)
         return loss
 
+    def on_fit_start(self) -> None:
+        self._named_parameters = None  # the gradient check lists them afresh
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Stop (or skip the step) when a gradient is NaN/inf, naming the parameter."""
         if not self.guard.check_gradients:
             return
-        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if self._named_parameters is None:  # listed once per fit: the walk costs ~15 us
+            self._named_parameters = list(self.named_parameters())
+        named = [(n, p.grad) for n, p in self._named_parameters if p.grad is not None]
         if not named:
             return
         # NaN and inf propagate through sums: one finite total proves every entry finite, in a
