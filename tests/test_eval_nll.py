@@ -194,7 +194,10 @@ def test_bernoulli_vae_fast_path_equals_the_models_own_likelihood(k):
     torch.manual_seed(0)
     model = GaussianVAE(image_shape=(1, 8, 8), hidden_dims=[32], latent_dim=4).eval()
     x = torch.bernoulli(torch.rand(6, 1, 8, 8))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
     fast = importance_weighted_bounds(model, x, k, 16, torch.Generator().manual_seed(5))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name} changed: the scratch space leaked"
     slow = importance_weighted_bounds(
         _GenericPath(model), x, k, 16, torch.Generator().manual_seed(5)
     )
