@@ -139,7 +139,12 @@ class MLPDecoder(nn.Module):
         for index, layer in enumerate(self.net):
             if isinstance(layer, nn.Linear):
                 rows, out = h.shape[0], buffers.get(index)
-                if out is None or out.shape[0] < rows or out.dtype != h.dtype:
+                if (
+                    out is None
+                    or out.shape[0] < rows
+                    or out.dtype != h.dtype
+                    or out.device != h.device
+                ):
                     out = buffers[index] = h.new_empty(rows, layer.out_features)
                 out = out[:rows]  # a shorter last chunk reuses the first rows
                 if layer.bias is None:
