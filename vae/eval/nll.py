@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from vae.losses import gaussian_kl
+from vae.nn.blocks import scratch
 
 __all__ = [
     "ImportanceWeightedBounds",
@@ -127,21 +128,6 @@ def default_chunk_size(batch_size: int, k: int, device: torch.device | str = "cp
 MAX_FACTORS_PER_LOG = 64
 
 
-def _scratch(buffers: dict, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A (contiguous) tensor of ``shape`` kept in ``buffers[name]`` and reused while it is
-    big enough: on a CPU, fresh megabytes cost page faults on their first touch."""
-    numel = math.prod(shape)
-    flat = buffers.get(name)
-    if (
-        flat is None
-        or flat.numel() < numel
-        or flat.dtype != like.dtype
-        or flat.device != like.device
-    ):
-        flat = buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return flat[:numel].view(shape)
-
-
 def _sum_of_logs_(factors: Tensor, buffers: dict) -> Tensor:
     """sum over the last dim of log(factors), for factors in [1/2, 1); overwrites ``factors``.
 
@@ -154,7 +140,7 @@ def _sum_of_logs_(factors: Tensor, buffers: dict) -> Tensor:
         half = folded.shape[-1] // 2
         folded = folded[..., :half].mul_(folded[..., half:])
         factors_per_value *= 2
-    return torch.log(folded, out=_scratch(buffers, "logs", tuple(folded.shape), folded)).sum(-1)
+    return torch.log(folded, out=scratch(buffers, "logs", folded.shape, folded)).sum(-1)
 
 
 def bernoulli_nll_per_sample(logits: Tensor, x: Tensor, buffers: dict | None = None) -> Tensor:
@@ -206,9 +192,7 @@ def _bernoulli_nll_per_sample(
     if overwrite:
         magnitude = logits.abs_()
     else:
-        magnitude = torch.abs(
-            logits, out=_scratch(buffers, "magnitude", tuple(logits.shape), logits)
-        )
+        magnitude = torch.abs(logits, out=scratch(buffers, "magnitude", logits.shape, logits))
     half_abs_sum = 0.5 * magnitude.sum(-1)
     return half_abs_sum + linear - _sum_of_logs_(torch.sigmoid_(magnitude), buffers)
 

@@ -6,10 +6,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vae.nn.blocks import make_activation
+from vae.nn.blocks import activate_in_place, make_activation, scratch
 from vae.nn.validation import (
     check_images,
     check_latent,
@@ -65,21 +64,6 @@ class MLPEncoder(nn.Module):
         return self.net(x)
 
 
-def _activate_in_place(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``layer(h)`` written over ``h`` for the activations in ``vae.nn.blocks.ACTIVATIONS``."""
-    if isinstance(layer, nn.ReLU):
-        return torch.relu_(h)
-    if isinstance(layer, nn.LeakyReLU):
-        return F.leaky_relu_(h, layer.negative_slope)
-    if isinstance(layer, nn.ELU):
-        return F.elu_(h, layer.alpha)
-    if isinstance(layer, nn.SiLU):
-        return F.silu(h, inplace=True)
-    if isinstance(layer, nn.Tanh):
-        return torch.tanh_(h)
-    return h.copy_(layer(h))  # GELU and anything else: same numbers, one temporary
-
-
 class MLPDecoder(nn.Module):
     """(B, latent_dim) -> hidden layers with activation -> linear -> (B, C, H, W) raw outputs.
 
@@ -131,22 +115,14 @@ class MLPDecoder(nn.Module):
         Args:
             z: (..., latent_dim).
             buffers: a dict owned by the caller, empty at first and passed back on every call
-                (with inputs on one device); the result is a view of one of its tensors,
+                (see ``vae.nn.blocks.scratch``); the result is a view of one of its tensors,
                 overwritten by the next call.
         """
         batch_shape = check_latent(z, self.latent_dim)
         h = z.reshape(-1, self.latent_dim)
         for index, layer in enumerate(self.net):
             if isinstance(layer, nn.Linear):
-                rows, out = h.shape[0], buffers.get(index)
-                if (
-                    out is None
-                    or out.shape[0] < rows
-                    or out.dtype != h.dtype
-                    or out.device != h.device
-                ):
-                    out = buffers[index] = h.new_empty(rows, layer.out_features)
-                out = out[:rows]  # a shorter last chunk reuses the first rows
+                out = scratch(buffers, index, (h.shape[0], layer.out_features), h)
                 if layer.bias is None:
                     h = torch.mm(h, layer.weight.t(), out=out)
                 else:
@@ -154,5 +130,5 @@ class MLPDecoder(nn.Module):
             elif isinstance(layer, nn.Unflatten):
                 continue  # the final reshape below does it
             else:
-                h = _activate_in_place(layer, h)
+                h = activate_in_place(layer, h)
         return h.reshape(*batch_shape, *self.output_shape)
