@@ -18,12 +18,18 @@ class TrainThroughput(pl.Callback):
     runs, so start-up, sanity checks and validation are excluded; data loading, forward,
     backward and optimiser steps are included. The result is ``samples_per_s`` (and is written
     to ``metrics.json`` as ``train_samples_per_s``).
+
+    The pause is keyed to the clock itself, not to ``trainer.training``: Lightning switches
+    the trainer's stage to validating *before* it calls ``on_validation_start``, so a check of
+    ``trainer.training`` there is always false and would leave the clock running through
+    validation.
     """
 
     def __init__(self) -> None:
         self.samples = 0
         self.seconds = 0.0
         self._started: float | None = None
+        self._paused = False
 
     @property
     def samples_per_s(self) -> float:
@@ -38,20 +44,24 @@ class TrainThroughput(pl.Callback):
             self._started = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._paused = False
         self._start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.samples += int(batch[0].shape[0])
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training:
+        if self._started is not None:  # validation inside a training epoch
             self._stop()
+            self._paused = True
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.training and not trainer.sanity_checking:
+        if self._paused:
+            self._paused = False
             self._start()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._paused = False
         self._stop()
 
     def state_dict(self) -> dict:
