@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vae.losses import BetaKL, CapacityKL, FreeBitsKL, LinearWarmup
 from vae.models import GaussianVAE, NonFiniteLossError
+from vae.models.base import gradients_are_finite
 
 
 def _hand_loss(model: GaussianVAE, x: torch.Tensor, eps: torch.Tensor, beta: float):
@@ -141,3 +142,35 @@ def test_nonfinite_gradient_stops_naming_the_parameter(tmp_path):
         NonFiniteLossError, match=rf"non-finite gradient of {name} at training step 3"
     ):
         trainer.fit(model, DataLoader(data, batch_size=16))
+
+
+@pytest.mark.parametrize(
+    "poison, finite",
+    [
+        (None, True),
+        ((1, 3, float("nan")), False),
+        ((0, 0, float("inf")), False),
+        ((2, 5, float("-inf")), False),
+    ],
+)
+def test_gradients_are_finite_finds_any_nonfinite_entry(poison, finite):
+    gradients = [torch.randn(7, 9), torch.randn(3, 11), torch.randn(5, 6)]
+    if poison is not None:
+        tensor, index, value = poison
+        gradients[tensor].view(-1)[index] = value
+    assert gradients_are_finite(gradients) is finite
+
+
+def test_gradients_are_finite_is_not_fooled_by_cancelling_or_overflowing_sums():
+    # +inf in one tensor and -inf in another: the total is NaN, and it is not finite.
+    opposite = [torch.full((4,), float("inf")), torch.full((4,), float("-inf"))]
+    assert gradients_are_finite(opposite) is False
+    # Huge finite values whose float32 sum overflows to inf: every entry is finite.
+    huge = [torch.full((8,), 3e38), torch.full((8,), -3e38)]
+    assert torch.isinf(huge[0].sum())
+    assert gradients_are_finite(huge) is True
+    # Half precision, where 65504 is the largest finite value.
+    halves = [torch.full((4,), 6e4, dtype=torch.float16), torch.ones(3, dtype=torch.float16)]
+    assert gradients_are_finite(halves) is True
+    halves[1][2] = float("nan")
+    assert gradients_are_finite(halves) is False

@@ -6,6 +6,7 @@ reconstruct and sample; everything that touches the trainer or the loggers lives
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,25 @@ def first_nonfinite_term(terms: Mapping[str, torch.Tensor]) -> str | None:
         if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
             return name
     return None
+
+
+def gradients_are_finite(gradients: list[torch.Tensor]) -> bool:
+    """True when every entry of every tensor is finite, proven cheaply in the common case.
+
+    NaN and inf propagate through sums, so a finite total proves every entry finite, in one
+    pass over the gradients (cheaper than a norm). Only a non-finite total, which ``inf - inf``
+    or an overflow of huge finite values could also give, pays for the elementwise search.
+    The per-tensor sums are added as Python floats (float64). On CPU each is read on its own
+    (~1.5 us; fewer kernels than stacking them); on an accelerator they are stacked first, so
+    that the check costs one host sync.
+    """
+    if gradients[0].device.type == "cpu":
+        total = sum(g.sum().item() for g in gradients)
+    else:
+        total = torch.stack([g.sum() for g in gradients]).sum().item()
+    if math.isfinite(total):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in gradients)
 
 
 def _to_float(value: torch.Tensor | float) -> float:
@@ -171,7 +191,9 @@ class LatentVariableModule(pl.LightningModule):
         x = batch[0]
         loss, terms = self.compute_terms(x, step=self.global_step)
         loss, terms = self.guard.maybe_inject(loss, terms, self.global_step)
-        if not bool(torch.isfinite(loss)):  # one host sync per step
+        # One host sync per step. ``torch.isfinite`` is a composite of several kernels (~8 us,
+        # up to ~70 us inside the training loop on CPU); the scalar's value costs ~1.5 us.
+        if not math.isfinite(loss.item()):
             if self.guard.skip_nonfinite:
                 self.guard.skipped_batches += 1
                 return None  # Lightning skips backward and the optimizer step
@@ -193,13 +215,7 @@ class LatentVariableModule(pl.LightningModule):
         named = [(n, p.grad) for n, p in self._named_parameters if p.grad is not None]
         if not named:
             return
-        # NaN and inf propagate through sums: one finite total proves every entry finite, in a
-        # single pass and one host sync (cheaper than a norm). Only a non-finite total, which a
-        # sum of huge finite values can also give, pays for the elementwise search below.
-        total = torch.stack([g.sum() for _, g in named]).sum()
-        if bool(torch.isfinite(total)):
-            return
-        if all(bool(torch.isfinite(g).all()) for _, g in named):
+        if gradients_are_finite([g for _, g in named]):
             return
         culprit = next(n for n, g in named if not bool(torch.isfinite(g).all()))
         if self.guard.skip_nonfinite:
