@@ -174,3 +174,13 @@ def test_gradients_are_finite_is_not_fooled_by_cancelling_or_overflowing_sums():
     assert gradients_are_finite(halves) is True
     halves[1][2] = float("nan")
     assert gradients_are_finite(halves) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gradients_are_finite_on_cuda():
+    gradients = [torch.randn(7, 9, device="cuda"), torch.randn(300, device="cuda")]
+    assert gradients_are_finite(gradients) is True
+    gradients[1][17] = float("nan")
+    assert gradients_are_finite(gradients) is False
+    huge = [torch.full((8,), 3e38, device="cuda"), torch.full((8,), -3e38, device="cuda")]
+    assert gradients_are_finite(huge) is True
