@@ -30,7 +30,7 @@ fresh model; the order rotates between rounds). Reported, for each variant again
 A separate ``--epochs``-epoch ``train`` run gives the test ELBO (single-sample ELBO on the 10k
 test split).
 
-    python benchmarks/bench_train_throughput.py [--rounds 6] [--epochs 5]
+    python benchmarks/bench_train_throughput.py [--rounds 8] [--epochs 5]
 """
 
 from __future__ import annotations
@@ -129,9 +129,20 @@ def lightning_minimal_epoch(data: FashionMNISTDataModule, seed: int) -> float:
     return clock.samples_per_s
 
 
+def cpu_model() -> str:
+    """The processor's name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the ELBO run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train_throughput.json"))
@@ -174,7 +185,8 @@ def main() -> None:
         "Adam 1e-3, batch 128",
         "rounds": args.rounds,
         "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
         "torch": torch.__version__,
         "lightning": pl.__version__,
         "load_average_before": load_before,
