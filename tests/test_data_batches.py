@@ -135,3 +135,15 @@ def test_lightning_epoch_e_uses_the_order_of_seed_and_e():
         assert labels == sampler.order(epoch).tolist()
     assert seen[0] != seen[1]
     assert fit() == seen
+
+
+def test_batches_are_pinned_only_for_a_cuda_trainer(monkeypatch):
+    """On a GPU machine, a CPU run must not pin (and copy) every batch: the default follows
+    the trainer's device, and an explicit data.pin_memory wins."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    dm = make()
+    assert dm.pin_memory  # no trainer yet: pin if CUDA is there
+    dm.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert not dm.pin_memory
+    assert not dm.train_dataloader().pin_memory and not dm.val_dataloader().pin_memory
+    assert make(pin_memory=True).pin_memory and not make(pin_memory=False).pin_memory

@@ -56,8 +56,9 @@ class InMemoryDataModule(L.LightningDataModule):
         split_seed: seed of the train/val/test split and of the fixed binarization.
         seed: seed of the shuffle order and dynamic binarization; ``None`` means
             ``torch.initial_seed()`` when ``train_dataloader()`` is called.
-        pin_memory: pin batches for faster host-to-GPU copies; ``None`` means "if CUDA is
-            available".
+        pin_memory: pin batches for faster host-to-GPU copies; ``None`` means "if the trainer
+            trains on a CUDA device" (without a trainer: if CUDA is available). A CPU run on a
+            GPU machine then does not pin (and copy) every batch for nothing.
     """
 
     name: ClassVar[str]
@@ -89,7 +90,7 @@ class InMemoryDataModule(L.LightningDataModule):
         if seed is not None:
             check_integer_setting(seed, "data.seed", 0, "Leave it unset to use the global seed.")
         self.seed = seed
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self._pin_memory = None if pin_memory is None else bool(pin_memory)
         self._resume_position: tuple[int, int] | None = None
         self.train_split: ImageSplit | None = None
         self.val_split: ImageSplit | None = None
@@ -137,6 +138,15 @@ class InMemoryDataModule(L.LightningDataModule):
                 f"{type(self).__name__}.setup() must run before asking for a dataloader; "
                 "Lightning calls it for you, outside Lightning call dm.prepare_data(); dm.setup()."
             )
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether the loaders pin batches (see the ``pin_memory`` argument)."""
+        if self._pin_memory is not None:
+            return self._pin_memory
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
 
     def _loader(self, dataset: ImageTensorDataset, sampler: Sampler[int], seed: int) -> DataLoader:
         return ResumableDataLoader(
