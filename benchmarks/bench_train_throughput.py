@@ -12,6 +12,10 @@ on CPU), on the same CPU threads:
   TensorBoard logging, NaN guards and periodic ``last.ckpt`` as users get them; its figure is
   ``train_samples_per_s`` from metrics.json (training batches only, validation excluded).
 
+* lightning_lean: the same ``train`` with the two per-step reliability features of issue 5
+  switched off (``trainer_guard.check_gradients=false``: the finite-gradient check before each
+  optimizer step; ``callbacks.last_checkpoint.every_n_train_steps=0``: ``last.ckpt`` only at
+  epoch ends), to show what they cost;
 * lightning_minimal: Lightning's own floor, for reference: a three-method LightningModule
   around the same ``compute_terms`` (automatic optimisation), the same DataLoader, and a
   Trainer with no logger, checkpoints, progress bar or callbacks but the throughput clock.
@@ -83,7 +87,10 @@ def bare_epoch(train_images: torch.Tensor, seed: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def lightning_run(epochs: int, seed: int, test: bool = False) -> dict:
+LEAN = ["trainer_guard.check_gradients=false", "callbacks.last_checkpoint.every_n_train_steps=0"]
+
+
+def lightning_run(epochs: int, seed: int, test: bool = False, extra: tuple = ()) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         overrides = [
             "experiment=vae_fashion",
@@ -91,6 +98,7 @@ def lightning_run(epochs: int, seed: int, test: bool = False) -> dict:
             f"trainer.max_epochs={epochs}",
             f"seed={seed}",
             f"paths.output_dir={workdir}",
+            *extra,
         ]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=overrides)
@@ -159,6 +167,7 @@ def main() -> None:
     variants = {
         "bare": lambda seed: bare_epoch(train_images, seed),
         "lightning": lambda seed: lightning_run(1, seed)["train_samples_per_s"],
+        "lightning_lean": lambda seed: lightning_run(1, seed, extra=LEAN)["train_samples_per_s"],
         "lightning_minimal": lambda seed: lightning_minimal_epoch(data, seed),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -198,6 +207,7 @@ def main() -> None:
         },
         "ms_per_step_best": {name: 1e3 * BATCH_SIZE / max(v) for name, v in rates.items()},
         "lightning_vs_bare": against_bare("lightning"),
+        "lightning_lean_vs_bare": against_bare("lightning_lean"),
         "lightning_minimal_vs_bare": against_bare("lightning_minimal"),
         "target_ratio": 0.9,
         "elbo_run": {
@@ -209,7 +219,13 @@ def main() -> None:
         },
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    shown = ("ms_per_step_best", "lightning_vs_bare", "lightning_minimal_vs_bare", "elbo_run")
+    shown = (
+        "ms_per_step_best",
+        "lightning_vs_bare",
+        "lightning_lean_vs_bare",
+        "lightning_minimal_vs_bare",
+        "elbo_run",
+    )
     print(json.dumps({k: result[k] for k in shown}, indent=2))
 
 
