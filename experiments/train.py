@@ -72,15 +72,16 @@ def _dir_suffix(overrides: str, limit: int = 120) -> str:
     """``_model.beta-4__model.latent_dim-16`` from Hydra's override_dirname (``kv_sep: -``,
     ``item_sep: __``): one path component that can be pasted unquoted into ``ckpt_path=``.
 
-    An over-long suffix is cut and ends in a hash of the whole text, so that distinct
-    overrides still give distinct names.
+    An over-long suffix is cut and ends in ``__sha1-`` and a hash of the whole text, so that
+    distinct overrides still give distinct names (and no character that Hydra's override
+    grammar rejects unquoted, such as ``~``).
     """
     if not overrides:
         return ""
     text = overrides.translate(_PATH_SAFE)
     if len(text) > limit:
         digest = hashlib.sha1(text.encode()).hexdigest()[:8]
-        text = f"{text[: limit - 9]}~{digest}"
+        text = f"{text[: limit - 15]}__sha1-{digest}"
     return f"_{text}"
 
 
