@@ -164,10 +164,12 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     model.configure_guard(**(cfg.get("trainer_guard") or {}))
     ckpt_path = cfg.get("ckpt_path")
     resume_step = None
+    ckpt_steps_per_call = None
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path)
         check_compatible(checkpoint, model, path=str(ckpt_path))
         resume_step = int(checkpoint.get("global_step", 0))
+        ckpt_steps_per_call = int(checkpoint.get("steps_per_call", 1))
         del checkpoint
 
     loggers = [_build_logger(c, resume_step) for c in (cfg.get("logger") or {}).values()]
@@ -178,6 +180,9 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )
+    steps_per_call = _steps_per_call(cfg, trainer, ckpt_path, ckpt_steps_per_call)
+    model.configure_loop(steps_per_call)
+    datamodule.pack_training_batches(steps_per_call)
 
     resumed_run = _resumed_run_dir(ckpt_path)
     if resumed_run is not None and trainer.is_global_zero:
@@ -216,6 +221,34 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.finalize("success")
     return metrics
+
+
+def _steps_per_call(cfg: DictConfig, trainer, ckpt_path, ckpt_steps_per_call: int | None) -> int:
+    """``train_loop.steps_per_call``, or 1 where the trainer needs one step per batch; a resumed
+    run must keep the checkpoint's kind of loop (Lightning counts global_step separately for
+    automatic and manual optimisation)."""
+    from vae.config import ConfigError
+    from vae.models.base import batch_counting_settings
+
+    requested = int(OmegaConf.select(cfg, "train_loop.steps_per_call", default=1) or 1)
+    steps = requested
+    reasons = batch_counting_settings(trainer) if requested > 1 else []
+    if reasons:
+        steps = 1
+        log.info(
+            "train_loop.steps_per_call=%d -> 1 (one optimizer step per batch) because of %s",
+            requested,
+            ", ".join(reasons),
+        )
+    if ckpt_steps_per_call is not None and (ckpt_steps_per_call > 1) != (steps > 1):
+        why = f" (it falls back to 1 because of {', '.join(reasons)})" if reasons else ""
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} was trained with train_loop.steps_per_call="
+            f"{ckpt_steps_per_call}, and this run would use {steps}{why}. Lightning counts "
+            "global_step separately for one and for several steps per call, so resume with "
+            f"train_loop.steps_per_call={ckpt_steps_per_call} and the overrides of the original run."
+        )
+    return steps
 
 
 @contextlib.contextmanager

@@ -44,6 +44,11 @@ CLI_CASES = [
     CliCase("empty_hidden_dims", ["model.hidden_dims=[]"], ["model.hidden_dims"]),
     CliCase("zero_lr", ["model.lr=0"], ["model.lr"]),
     CliCase(
+        "zero_steps_per_call",
+        ["train_loop.steps_per_call=0"],
+        ["train_loop.steps_per_call", "positive integer"],
+    ),
+    CliCase(
         "image_too_small_for_conv",
         ["model.arch=conv", "model.hidden_dims=[8,8,8,8,8]"],
         ["model.hidden_dims", "at most"],
@@ -81,6 +86,12 @@ CLI_CASES = [
         setup="ckpt_last",
     ),
     CliCase("not_a_checkpoint", [], ["not a Lightning checkpoint"], setup="ckpt_garbage"),
+    CliCase(
+        "checkpoint_other_loop",  # trained one step per batch, resumed with packs of 8
+        ["train_loop.steps_per_call=8"],
+        ["was trained with train_loop.steps_per_call=1", "this run would use 8"],
+        setup="ckpt_last",
+    ),
 ]
 
 

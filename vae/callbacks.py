@@ -11,6 +11,14 @@ import numpy as np
 import torch
 
 
+def examples_in(batch) -> int:
+    """Examples in a training batch ``(x, y)`` (``x`` a tensor), or in a pack of such batches
+    (a list of them; see ``LatentVariableModule.configure_loop``)."""
+    if isinstance(batch[0], torch.Tensor):
+        return int(batch[0].shape[0])
+    return sum(int(x.shape[0]) for x, *_ in batch)
+
+
 class TrainThroughput(pl.Callback):
     """Training examples per second of wall time spent in training batches.
 
@@ -48,7 +56,7 @@ class TrainThroughput(pl.Callback):
         self._start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.samples += int(batch[0].shape[0])
+        self.samples += examples_in(batch)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._started is not None:  # validation inside a training epoch
@@ -127,6 +135,7 @@ class LastCheckpoint(pl.Callback):
     def __init__(self, dirpath: str, every_n_train_steps: int | None = 200) -> None:
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps or 0
+        self._step_at_last_batch = 0
 
     @property
     def path(self) -> str:
@@ -137,9 +146,16 @@ class LastCheckpoint(pl.Callback):
             return
         trainer.save_checkpoint(self.path)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step_at_last_batch = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0:
+        # A batch may take several optimizer steps (``train_loop.steps_per_call``): save when
+        # it crossed a multiple of N, which with one step per batch means at each multiple.
+        step, before = trainer.global_step, self._step_at_last_batch
+        self._step_at_last_batch = step
+        every = self.every_n_train_steps
+        if every and step // every > before // every:
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

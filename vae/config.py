@@ -119,6 +119,7 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1"),
     Rule("trainer.log_every_n_steps", positive_int, "a positive integer"),
     Rule("seed", lambda v: v is None or _is_int(v), "an integer or null"),
+    Rule("train_loop.steps_per_call", positive_int, "a positive integer (1: a step per batch)"),
 )
 
 
