@@ -206,6 +206,28 @@ def test_packs_of_8_train_exactly_like_one_step_per_batch(tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_packs_train_the_vqvae_exactly_like_one_step_per_batch(tmp_path: Path):
+    """The VQ-VAE and its prior too: EMA codebook updates, dead-code restarts and dropout
+    happen in the same order, so the metrics (usage, perplexity) are the same bit for bit."""
+    common = ["model=vqvae", "model.num_codes=32", "trainer.max_epochs=2", "seed=3"]
+    one = _metrics(_train(tmp_path, *common, "train_loop.steps_per_call=1"))
+    eight_run = _train(tmp_path, *common, "train_loop.steps_per_call=8")
+    eight = _metrics(eight_run)
+    assert {k: v for k, v in one.items() if k not in TIMINGS} == {
+        k: v for k, v in eight.items() if k not in TIMINGS
+    }
+    assert one["global_step"] == 2 * 23 and "val/perplexity" in one
+    # Its prior (a transformer with dropout, so the global RNG is drawn from in every step).
+    prior = ["model=vqvae_prior", f"model.vqvae_ckpt={eight_run}/checkpoints/last.ckpt"]
+    prior += ["model.dim=32", "model.depth=1", "model.dropout=0.1", "trainer.max_epochs=1"]
+    one = _metrics(_train(tmp_path, *prior, "train_loop.steps_per_call=1"))
+    eight = _metrics(_train(tmp_path, *prior, "train_loop.steps_per_call=8"))
+    assert {k: v for k, v in one.items() if k not in TIMINGS} == {
+        k: v for k, v in eight.items() if k not in TIMINGS
+    }
+
+
+@pytest.mark.slow
 def test_packs_fall_back_to_one_step_under_max_steps(tmp_path: Path):
     run = _train(tmp_path, "trainer.max_steps=30", "train_loop.steps_per_call=8")
     assert _metrics(run)["global_step"] == 30  # exactly, not rounded up to a pack
