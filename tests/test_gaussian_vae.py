@@ -184,3 +184,30 @@ def test_gradients_are_finite_on_cuda():
     assert gradients_are_finite(gradients) is False
     huge = [torch.full((8,), 3e38, device="cuda"), torch.full((8,), -3e38, device="cuda")]
     assert gradients_are_finite(huge) is True
+
+
+def test_gradient_check_leaves_fp16_overflow_to_the_grad_scaler():
+    """Under fp16 mixed precision a too-large loss scale gives inf gradients by design: the
+    scaler skips that step and lowers its scale. The finite-gradient guard must not stop the
+    run there (it did: training died at the first overflow)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins import MixedPrecision
+
+    torch.manual_seed(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    model = GaussianVAE(image_shape=(1, 8, 8), hidden_dims=[16], latent_dim=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    data = torch.utils.data.TensorDataset(torch.rand(32, 1, 8, 8).round())
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=8))
+    assert trainer.global_step == 3
+    assert scaler.get_scale() < 2.0**60  # the scaler met inf gradients and backed off
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

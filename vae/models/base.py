@@ -276,8 +276,14 @@ class LatentVariableModule(pl.LightningModule):
         self._named_parameters = None  # the gradient check lists them afresh
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Stop (or skip the step) when a gradient is NaN/inf, naming the parameter."""
-        if not self.guard.check_gradients:
+        """Stop (or skip the step) when a gradient is NaN/inf, naming the parameter.
+
+        Not under a gradient scaler (``trainer.precision=16-mixed``): there inf gradients are
+        how the scaler finds its scale (it skips that step and halves the scale, and it grows
+        the scale until they recur), so they are not a failure. The loss check still stops a
+        NaN loss.
+        """
+        if not self.guard.check_gradients or self._gradient_scaler() is not None:
             return
         if self._named_parameters is None:  # listed once per fit: the walk costs ~15 us
             self._named_parameters = list(self.named_parameters())
@@ -298,6 +304,12 @@ class LatentVariableModule(pl.LightningModule):
             "in the run's checkpoints/ folder. Try trainer.gradient_clip_val=1.0, a lower "
             "model.lr, or trainer_guard.skip_nonfinite=true to skip such batches."
         )
+
+    def _gradient_scaler(self):
+        """The trainer's ``torch.amp.GradScaler`` (fp16 mixed precision), or None."""
+        if self._trainer is None:
+            return None
+        return getattr(self.trainer.precision_plugin, "scaler", None)
 
     def validation_step(self, batch, batch_idx):
         x = batch[0]
