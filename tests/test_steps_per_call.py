@@ -162,6 +162,7 @@ def _trainer(**kwargs) -> pl.Trainer:
         ({"overfit_batches": 1}, "overfit_batches"),
         ({"limit_train_batches": 4}, "limit_train_batches"),
         ({"val_check_interval": 10}, "val_check_interval"),
+        ({"strategy": "ddp", "devices": 2}, "2 processes"),
     ],
 )
 def test_settings_that_count_batches_force_one_step_per_batch(kwargs, reason):
