@@ -223,7 +223,7 @@ class LatentVariableModule(pl.LightningModule):
         K > 1 the DataModule serves packs of K batches (``pack_training_batches``) and
         :meth:`training_step` runs K steps itself (Lightning's manual optimisation), so that
         Lightning's per-batch machinery runs once per K steps (``vae_fashion`` on a 2-core CPU:
-        0.87x a bare loop with K=1, 0.98x with K=8; ``benchmarks/bench_train_throughput.py``).
+        0.87-0.88x a bare loop with K=1, 0.93-0.98x with K=8; ``bench_train_throughput.py``).
         Each step is the same as with 1: same batches and noise, the loss and gradient checks,
         skipped batches, ``train/*`` logging at the same global steps, ``global_step`` counting
         optimizer steps. Callbacks' ``on_train_batch_*`` hooks, ``batch_idx`` and the progress
