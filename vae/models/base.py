@@ -320,7 +320,8 @@ class LatentVariableModule(pl.LightningModule):
             # packs of batches (configure_loop) a count of packs, and otherwise one less than
             # the steps done. A logged "step" sets the x value: the optimizer steps done, as for
             # the images and histograms and the checkpoint taken after this validation.
-            self.log("step", float(self.global_step), on_step=False, on_epoch=True, batch_size=1)
+            step = float(self.global_step)  # the same on every process
+            self.log("step", step, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         if batch_idx == 0:
             self._val_batch_for_images = x[: self.num_images]
         return terms
