@@ -315,13 +315,6 @@ class LatentVariableModule(pl.LightningModule):
         x = batch[0]
         _, terms = self.compute_terms(x, step=self.global_step)
         self.log_val_scalars(terms, batch_size=x.shape[0])
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            # Lightning writes epoch-end metrics at its own count of batches that stepped: with
-            # packs of batches (configure_loop) a count of packs, and otherwise one less than
-            # the steps done. A logged "step" sets the x value: the optimizer steps done, as for
-            # the images and histograms and the checkpoint taken after this validation.
-            step = float(self.global_step)  # the same on every process
-            self.log("step", step, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         if batch_idx == 0:
             self._val_batch_for_images = x[: self.num_images]
         return terms
@@ -428,6 +421,14 @@ class LatentVariableModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_val_images()
         self._val_batch_for_images = None
+        if self.trainer.state.fn == "fit":
+            # Lightning writes epoch-end metrics at its own count of batches that stepped: with
+            # packs of batches (configure_loop) a count of packs, and otherwise one less than
+            # the steps done. A logged "step" sets the x value: the optimizer steps done, as for
+            # the images and histograms and the checkpoint taken after this validation. The
+            # same on every process.
+            step = float(self.global_step)
+            self.log("step", step, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the class, so that loading into another model fails with a clear message."""
