@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,10 +10,14 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vae import tags
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Overrides for test runs of vae-train: the CPU, and no progress bar in captured output.
 QUICK = ["trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
+# metrics.json entries that are timings; everything else repeats exactly between equal runs.
+TIMINGS = {tags.TRAIN_SAMPLES_PER_S}
 
 
 def run_cli(
@@ -52,3 +57,28 @@ def load_events(run_dir: Path) -> EventAccumulator:
 
 def scalar_series(events: EventAccumulator, tag: str) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def without_timings(metrics: dict) -> dict:
+    """``metrics`` without the entries that are wall-clock timings."""
+    return {k: v for k, v in metrics.items() if k not in TIMINGS}
+
+
+def run_stopped_by_nan(cwd: Path, term: str, step: int, *args: str):
+    """``vae-train`` on digits with a NaN injected into ``term`` at ``step``, which must stop it
+    (exit code 3). Returns the process and its run directory."""
+    proc = run_cli(
+        "vae-train",
+        *args,
+        f"trainer_guard.inject_nan_term={term}",
+        f"trainer_guard.inject_nan_step={step}",
+        *QUICK,
+        cwd=cwd,
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    return proc, next((cwd / "logs" / "vae_digits").iterdir())

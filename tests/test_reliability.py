@@ -16,18 +16,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import BIN, QUICK, last_line, load_events, run_cli, scalar_series
+from tests.cli import (
+    BIN,
+    QUICK,
+    TIMINGS,
+    last_line,
+    load_events,
+    read_metrics,
+    run_cli,
+    run_stopped_by_nan,
+    scalar_series,
+    without_timings,
+)
 from vae import tags
 from vae.checkpoints import AtomicCheckpointIO, read_checkpoint, remove_stale_temporaries
 
 pytestmark = pytest.mark.slow
-
-# train_samples_per_s is a timing; everything else must match.
-TIMINGS = {tags.TRAIN_SAMPLES_PER_S}
-
-
-def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def _assert_contiguous(steps: list[int], every: int = 1) -> None:
@@ -54,7 +58,7 @@ def test_stop_after_2_epochs_and_resume_to_4_equals_4_straight(tmp_path: Path):
         run_cli("vae-train", "trainer.max_epochs=4", *common, cwd=tmp_path).stdout
     )
 
-    a, b = _metrics(first), _metrics(straight)
+    a, b = read_metrics(first), read_metrics(straight)
     assert a.keys() == b.keys()
     worst = max(abs(a[k] - b[k]) for k in a if k not in TIMINGS)
     assert worst <= 1e-6, {k: (a[k], b[k]) for k in a if k not in TIMINGS and a[k] != b[k]}
@@ -141,7 +145,7 @@ def test_sigkill_at_a_random_point_then_resume_has_no_gaps(tmp_path: Path):
     )
     run_dir = run_dirs[0]
     assert not list(run_dir.glob("checkpoints/.*.tmp")), "no half-written files may remain"
-    metrics = _metrics(run_dir)
+    metrics = read_metrics(run_dir)
     assert metrics["global_step"] == final_epochs * 23
     events = load_events(run_dir)
     steps = [s for s, _ in scalar_series(events, tags.TRAIN_LOSS)]
@@ -153,27 +157,15 @@ def test_sigkill_at_a_random_point_then_resume_has_no_gaps(tmp_path: Path):
     straight = tmp_path / last_line(
         run_cli("vae-train", f"trainer.max_epochs={final_epochs}", *args[1:], cwd=tmp_path).stdout
     )
-    a, b = metrics, _metrics(straight)
-    assert {k: v for k, v in a.items() if k not in TIMINGS} == {
-        k: v for k, v in b.items() if k not in TIMINGS
-    }
+    a, b = metrics, read_metrics(straight)
+    assert without_timings(a) == without_timings(b)
 
 
 def test_nan_injected_through_config_stops_with_term_and_step(tmp_path: Path):
-    proc = run_cli(
-        "vae-train",
-        "trainer.max_epochs=3",
-        "trainer_guard.inject_nan_term=kl",
-        "trainer_guard.inject_nan_step=30",
-        "callbacks.last_checkpoint.every_n_train_steps=10",
-        *QUICK,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 3, proc.stderr[-2000:]
+    args = ["trainer.max_epochs=3", "callbacks.last_checkpoint.every_n_train_steps=10"]
+    proc, run_dir = run_stopped_by_nan(tmp_path, "kl", 30, *args)
     assert "non-finite kl" in proc.stderr and "training step 30" in proc.stderr
     assert "Traceback" not in proc.stderr
-    run_dir = next((tmp_path / "logs" / "vae_digits").iterdir())
     saved = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 30  # the last good state, from just before the NaN
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
@@ -189,7 +181,7 @@ def test_skip_nonfinite_skips_and_counts_the_batch(tmp_path: Path):
         *QUICK,
         cwd=tmp_path,
     )
-    metrics = _metrics(tmp_path / last_line(proc.stdout))
+    metrics = read_metrics(tmp_path / last_line(proc.stdout))
     assert metrics[tags.TRAIN_SKIPPED_BATCHES] == 1
     # The skipped batch updates no parameter (its gradients are dropped); Lightning still
     # counts the step it called.
@@ -212,11 +204,9 @@ def test_two_runs_started_together_get_distinct_intact_directories(tmp_path: Pat
     for run_dir in run_dirs:
         assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
         assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 46
-        assert _metrics(run_dir)["global_step"] == 46
-    a, b = (_metrics(d) for d in run_dirs)
-    assert {k: v for k, v in a.items() if k not in TIMINGS} == {
-        k: v for k, v in b.items() if k not in TIMINGS
-    }
+        assert read_metrics(run_dir)["global_step"] == 46
+    a, b = (read_metrics(d) for d in run_dirs)
+    assert without_timings(a) == without_timings(b)
 
 
 def test_parallel_multirun_with_joblib(tmp_path: Path):
@@ -245,7 +235,7 @@ def test_deterministic_runs_are_bitwise_equal(tmp_path: Path):
         *QUICK,
     ]
     first, second = (
-        _metrics(tmp_path / last_line(run_cli("vae-train", *args, cwd=tmp_path).stdout))
+        read_metrics(tmp_path / last_line(run_cli("vae-train", *args, cwd=tmp_path).stdout))
         for _ in range(2)
     )
     for metrics in (first, second):
@@ -258,7 +248,7 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path: Path):
     assert proc.stdout.count("tensorboard --logdir") == 1
     run_dirs = [p.parent for p in (tmp_path / "logs").rglob("metrics.json")]
     assert len(run_dirs) == 1 and run_dirs[0] == tmp_path / last_line(proc.stdout)
-    metrics = _metrics(run_dirs[0])
+    metrics = read_metrics(run_dirs[0])
     # 1437 training digits split over 2 processes: 12 steps of 64 per process.
     assert metrics["global_step"] == 12
     assert len(list(run_dirs[0].glob("events.out.tfevents.*"))) == 1

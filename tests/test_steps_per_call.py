@@ -8,14 +8,22 @@ then whole runs through the real ``vae-train``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.cli import QUICK, last_line, load_events, run_cli, scalar_series
+from tests.cli import (
+    QUICK,
+    last_line,
+    load_events,
+    read_metrics,
+    run_cli,
+    run_stopped_by_nan,
+    scalar_series,
+    without_timings,
+)
 from tests.test_data_batches import NUM_EXAMPLES, make
 from vae import tags
 from vae.callbacks import LastCheckpoint, TrainThroughput, examples_in
@@ -23,8 +31,6 @@ from vae.checkpoints import read_checkpoint
 from vae.data import DigitsDataModule
 from vae.models import GaussianVAE
 from vae.models.base import batch_counting_settings
-
-TIMINGS = {tags.TRAIN_SAMPLES_PER_S}
 
 
 # --- packed loading ----------------------------------------------------------------------------
@@ -182,10 +188,6 @@ def _train(tmp_path: Path, *args: str) -> Path:
     return tmp_path / last_line(proc.stdout)
 
 
-def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 @pytest.mark.slow
 def test_packs_of_8_train_exactly_like_one_step_per_batch(tmp_path: Path):
     """Digits (23 batches an epoch, so packs of 8 end mid-way and the last pack is short):
@@ -193,10 +195,8 @@ def test_packs_of_8_train_exactly_like_one_step_per_batch(tmp_path: Path):
     common = ["trainer.max_epochs=3", "seed=5", "trainer.log_every_n_steps=2"]
     one = _train(tmp_path, *common, "train_loop.steps_per_call=1")
     eight = _train(tmp_path, *common, "train_loop.steps_per_call=8")
-    a, b = _metrics(one), _metrics(eight)
-    assert {k: v for k, v in a.items() if k not in TIMINGS} == {
-        k: v for k, v in b.items() if k not in TIMINGS
-    }
+    a, b = read_metrics(one), read_metrics(eight)
+    assert without_timings(a) == without_timings(b)
     assert a["global_step"] == 3 * 23
     for tag in (tags.TRAIN_LOSS, tags.TRAIN_KL, tags.VAL_ELBO):
         series_one = scalar_series(load_events(one), tag)
@@ -211,27 +211,23 @@ def test_packs_train_the_vqvae_exactly_like_one_step_per_batch(tmp_path: Path):
     """The VQ-VAE and its prior too: EMA codebook updates, dead-code restarts and dropout
     happen in the same order, so the metrics (usage, perplexity) are the same bit for bit."""
     common = ["model=vqvae", "model.num_codes=32", "trainer.max_epochs=2", "seed=3"]
-    one = _metrics(_train(tmp_path, *common, "train_loop.steps_per_call=1"))
+    one = read_metrics(_train(tmp_path, *common, "train_loop.steps_per_call=1"))
     eight_run = _train(tmp_path, *common, "train_loop.steps_per_call=8")
-    eight = _metrics(eight_run)
-    assert {k: v for k, v in one.items() if k not in TIMINGS} == {
-        k: v for k, v in eight.items() if k not in TIMINGS
-    }
+    eight = read_metrics(eight_run)
+    assert without_timings(one) == without_timings(eight)
     assert one["global_step"] == 2 * 23 and "val/perplexity" in one
     # Its prior (a transformer with dropout, so the global RNG is drawn from in every step).
     prior = ["model=vqvae_prior", f"model.vqvae_ckpt={eight_run}/checkpoints/last.ckpt"]
     prior += ["model.dim=32", "model.depth=1", "model.dropout=0.1", "trainer.max_epochs=1"]
-    one = _metrics(_train(tmp_path, *prior, "train_loop.steps_per_call=1"))
-    eight = _metrics(_train(tmp_path, *prior, "train_loop.steps_per_call=8"))
-    assert {k: v for k, v in one.items() if k not in TIMINGS} == {
-        k: v for k, v in eight.items() if k not in TIMINGS
-    }
+    one = read_metrics(_train(tmp_path, *prior, "train_loop.steps_per_call=1"))
+    eight = read_metrics(_train(tmp_path, *prior, "train_loop.steps_per_call=8"))
+    assert without_timings(one) == without_timings(eight)
 
 
 @pytest.mark.slow
 def test_packs_fall_back_to_one_step_under_max_steps(tmp_path: Path):
     run = _train(tmp_path, "trainer.max_steps=30", "train_loop.steps_per_call=8")
-    assert _metrics(run)["global_step"] == 30  # exactly, not rounded up to a pack
+    assert read_metrics(run)["global_step"] == 30  # exactly, not rounded up to a pack
     assert "train_loop.steps_per_call=8 -> 1" in (run / "train.log").read_text()
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["steps_per_call"] == 1
 
@@ -244,54 +240,30 @@ def test_packed_run_resumed_mid_epoch_equals_a_straight_run(tmp_path: Path):
     common = ["seed=11", "trainer.log_every_n_steps=1", "trainer.max_epochs=4"]
     common += ["callbacks.last_checkpoint.every_n_train_steps=10"]
     packed = [*common, "train_loop.steps_per_call=8"]
-    stopped = run_cli(
-        "vae-train",
-        *packed,
-        "trainer_guard.inject_nan_term=kl",
-        "trainer_guard.inject_nan_step=35",
-        *QUICK,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert stopped.returncode == 3, stopped.stderr[-2000:]
-    run_dir = next((tmp_path / "logs" / "vae_digits").iterdir())
+    _, run_dir = run_stopped_by_nan(tmp_path, "kl", 35, *packed)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     assert read_checkpoint(checkpoint)["global_step"] == 31
     resumed = run_cli("vae-train", *packed, f"ckpt_path={checkpoint}", *QUICK, cwd=tmp_path)
     assert Path(last_line(resumed.stdout)) == run_dir.resolve()
     straight = _train(tmp_path / "straight", *common, "train_loop.steps_per_call=1")
-    a, b = _metrics(run_dir), _metrics(straight)
-    assert {k: v for k, v in a.items() if k not in TIMINGS} == {
-        k: v for k, v in b.items() if k not in TIMINGS
-    }
+    a, b = read_metrics(run_dir), read_metrics(straight)
+    assert without_timings(a) == without_timings(b)
     steps = [s for s, _ in scalar_series(load_events(run_dir), tags.TRAIN_LOSS)]
     assert steps == list(range(1, 4 * 23 + 1))
 
 
 @pytest.mark.slow
 def test_packed_run_stops_at_the_nan_step_and_skips_like_one_step(tmp_path: Path):
-    proc = run_cli(
-        "vae-train",
-        "trainer.max_epochs=3",
-        "train_loop.steps_per_call=8",
-        "trainer_guard.inject_nan_term=kl",
-        "trainer_guard.inject_nan_step=30",
-        *QUICK,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 3, proc.stderr[-2000:]
+    args = ["trainer.max_epochs=3", "train_loop.steps_per_call=8"]
+    proc, run_dir = run_stopped_by_nan(tmp_path, "kl", 30, *args)
     assert "non-finite kl" in proc.stderr and "training step 30" in proc.stderr
-    run_dir = next((tmp_path / "logs" / "vae_digits").iterdir())
     saved = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 23  # the epoch-end save; none holds the NaN
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 
     skip = ["trainer.max_epochs=2", "trainer_guard.inject_nan_term=recon"]
     skip += ["trainer_guard.inject_nan_step=10", "trainer_guard.skip_nonfinite=true"]
-    one = _metrics(_train(tmp_path / "a", *skip, "train_loop.steps_per_call=1"))
-    eight = _metrics(_train(tmp_path / "b", *skip, "train_loop.steps_per_call=8"))
+    one = read_metrics(_train(tmp_path / "a", *skip, "train_loop.steps_per_call=1"))
+    eight = read_metrics(_train(tmp_path / "b", *skip, "train_loop.steps_per_call=8"))
     assert eight[tags.TRAIN_SKIPPED_BATCHES] == 1 and eight["global_step"] == 2 * 23
-    assert {k: v for k, v in one.items() if k not in TIMINGS} == {
-        k: v for k, v in eight.items() if k not in TIMINGS
-    }
+    assert without_timings(one) == without_timings(eight)
