@@ -135,7 +135,9 @@ def test_sigkill_at_a_random_point_then_resume_has_no_gaps(tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
     saved = read_checkpoint(checkpoint)  # loadable despite the kill
-    final_epochs = saved["epoch"] + 1
+    # One epoch past the checkpoint's: if the kill came just after an epoch-end save, that
+    # epoch is complete, and resuming to its end would leave nothing to train.
+    final_epochs = saved["epoch"] + 2
     run_cli(
         "vae-train",
         f"trainer.max_epochs={final_epochs}",
