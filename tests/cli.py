@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vae import tags
+from vae import runs, tags
+from vae.runs import METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,7 +60,9 @@ def scalar_series(events: EventAccumulator, tag: str) -> list[tuple[int, float]]
 
 
 def read_metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
+    """The run's ``metrics.json`` (``vae.runs.read_metrics``), which must exist."""
+    assert (run_dir / METRICS_FILE).is_file(), f"no {METRICS_FILE} in {run_dir}"
+    return runs.read_metrics(run_dir)
 
 
 def without_timings(metrics: dict) -> dict:
