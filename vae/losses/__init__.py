@@ -44,12 +44,14 @@ from vae.losses.kl import (
     mc_kl,
 )
 from vae.losses.likelihoods import (
+    CONTINUOUS_LIKELIHOODS,
     LIKELIHOODS,
     bernoulli_nll,
     bits_per_dim,
     gaussian_nll,
     get_likelihood,
     laplace_nll,
+    uniform_dequantize,
 )
 from vae.losses.schedules import (
     CapacitySchedule,
@@ -84,6 +86,8 @@ __all__ = [
     "gaussian_nll",
     "laplace_nll",
     "bits_per_dim",
+    "uniform_dequantize",
+    "CONTINUOUS_LIKELIHOODS",
     "LIKELIHOODS",
     "get_likelihood",
     # schedules
