@@ -2,8 +2,10 @@
 
 import math
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 
 from vae.losses import (
     KLDivergence,
@@ -21,6 +23,7 @@ from vae.losses import (
     validation,
     validation_enabled,
 )
+from vae.losses.validation import PROBABILITY_TOLERANCE
 
 NAN = float("nan")
 INF = float("inf")
@@ -134,12 +137,113 @@ def test_errors_name_the_argument(call, message):
         call()
 
 
-def test_row_sum_tolerance_scales_with_dtype():
-    nearly = torch.tensor([0.5, 0.5 + 1e-6])
-    categorical_kl(nearly, nearly)  # float32: 1e-6 is rounding-level, accepted
-    with pytest.raises(ValueError, match="tolerance"):
-        categorical_kl(nearly.double(), nearly.double())  # float64: 1e-6 is a real error
-    categorical_kl(nearly.double() / nearly.double().sum(), nearly.double() / nearly.double().sum())
+# --------------------------------------------------------------------------------------------
+# The row-sum tolerance: every honest softmax accepted, every row off by >= 1% rejected
+# --------------------------------------------------------------------------------------------
+
+LOW_PRECISION = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+EVENT_SIZES = [2, 10, 32, 512, 10_000, 100_000]
+ROW_SUM = settings(max_examples=60, deadline=None)
+
+
+def _honest_softmax(seed, rows, k, scale, dtype, native):
+    """softmax of N(0, scale^2) logits: computed in ``dtype`` (native) or exactly in float64
+    and rounded to ``dtype``; both are what a model honestly hands to the loss."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, k, generator=g, dtype=torch.float64) * scale
+    if native:
+        return torch.softmax(logits.to(dtype), -1)
+    return torch.softmax(logits, -1).to(dtype)
+
+
+@ROW_SUM
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    k=st.sampled_from(EVENT_SIZES),
+    scale=st.floats(0.0, 30.0),
+    dtype=st.sampled_from(LOW_PRECISION),
+    native=st.booleans(),
+    upcast=st.booleans(),
+)
+def test_property_every_honest_softmax_is_accepted_in_every_dtype(
+    seed, k, scale, dtype, native, upcast
+):
+    p = _honest_softmax(seed, 3, k, scale, dtype, native)
+    if upcast:  # e.g. a bf16 model's output, .double()'d before the loss
+        p = p.double()
+    categorical_kl(p, p, validate=True)
+    entropy(p, validate=True)
+    cross_entropy(p, p, validate=True)
+
+
+@ROW_SUM
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    k=st.sampled_from(EVENT_SIZES),
+    scale=st.floats(0.0, 30.0),
+    dtype=st.sampled_from(LOW_PRECISION),
+    factor=st.one_of(st.floats(0.05, 0.99), st.floats(1.01, 4.0)),
+    row=st.integers(0, 2),
+    upcast=st.booleans(),
+)
+def test_property_a_row_off_by_one_percent_or_more_is_rejected_in_every_dtype(
+    seed, k, scale, dtype, factor, row, upcast
+):
+    p = _honest_softmax(seed, 3, k, scale, torch.float64, native=False)
+    p[row] *= factor
+    p = p.to(dtype)
+    if upcast:
+        p = p.double()
+    with pytest.raises(ValueError, match="argument 'p' has rows along dim=-1 that do not sum"):
+        categorical_kl(p, p, validate=True)
+    with pytest.raises(ValueError, match="entropy: argument 'p' has rows"):
+        entropy(p, validate=True)
+
+
+def _row_with_sum(values, dtype, k):
+    p = torch.tensor(values, dtype=torch.float64).to(dtype)
+    assert p.shape == (k,)
+    return p
+
+
+@pytest.mark.parametrize(
+    "p, total",
+    [
+        # bf16, K=32: 31 entries of 1/16 and one 2^-10 smaller (all exact in bf16).
+        (_row_with_sum([1 / 16] * 31 + [1 / 16 - 2**-10], torch.bfloat16, 32), 1.999),
+        (_row_with_sum([2 / 512] * 512, torch.float16, 512), 2.0),
+        (_row_with_sum([1.05 / 100_000] * 100_000, torch.float32, 100_000), 1.05),
+    ],
+    ids=["bf16-K32-sum1.999", "fp16-K512-sum2", "fp32-K1e5-sum1.05"],
+)
+def test_the_unnormalised_rows_of_issue_12_are_rejected(p, total):
+    assert float(p.double().sum()) == pytest.approx(total, abs=1e-4)
+    uniform = torch.full_like(p, 1.0 / p.shape[0])
+    with pytest.raises(ValueError, match="categorical_kl: argument 'p' has rows.*tolerance"):
+        categorical_kl(p, uniform)
+    with pytest.raises(ValueError, match="entropy: argument 'p' has rows"):
+        entropy(p)
+
+
+def test_a_float32_softmax_cast_to_float64_is_accepted():
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(4, 512, generator=g), -1).double()
+    q = torch.softmax(torch.randn(4, 512, generator=g), -1).double()
+    # float32 rounding left |sum - 1| ~ 1e-7: far above float64's own rounding (K * 2.2e-16).
+    assert float((p.sum(-1) - 1).abs().max()) > 1e-7
+    assert torch.isfinite(categorical_kl(p, q)).all()
+    assert torch.isfinite(entropy(p)).all()
+
+
+def test_the_tolerance_is_documented_and_between_the_honest_and_the_wrong():
+    # Honest rounding error reaches 2^-8 = 3.9e-3 (bf16); a 1% error can shrink to 6.1e-3
+    # after bf16 rounding: the tolerance must lie strictly between, in every dtype.
+    assert 2**-8 < PROBABILITY_TOLERANCE < 0.01 * (1 - 2**-8) - 2**-8
+    nearly = torch.tensor([0.5, 0.5 + 1e-3], dtype=torch.float64)
+    categorical_kl(nearly, nearly)  # 0.1% off: within rounding of a bf16 softmax
+    off = torch.tensor([0.5, 0.5 + 1e-2], dtype=torch.float64)
+    with pytest.raises(ValueError, match="tolerance 0.005"):
+        categorical_kl(off, off)
 
 
 def test_per_call_switch_and_global_switch_and_context_manager():
