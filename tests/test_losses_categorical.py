@@ -342,7 +342,8 @@ def test_kl_divergence_module_from_logits_distillation():
     g = torch.Generator().manual_seed(5)
     teacher = torch.randn(8, 10, generator=g, requires_grad=False)
     student = torch.randn(8, 10, generator=g, requires_grad=True)
-    loss = KLDivergence(from_logits=True)(teacher, student)
+    loss = KLDivergence(from_logits=True, target_from_logits=True)(teacher, student)
+    torch.testing.assert_close(loss, categorical_kl_from_logits(teacher, student).mean())
     expected = F.kl_div(
         student.log_softmax(-1), teacher.log_softmax(-1), reduction="batchmean", log_target=True
     )
@@ -367,3 +368,126 @@ def test_kl_divergence_module_label_smoothing_and_errors():
     with pytest.raises(ValueError, match="KLDivergence: argument 'predicted'"):
         KLDivergence()(smooth, predicted * 2)
     assert "batchmean" in repr(KLDivergence())
+
+
+# --------------------------------------------------------------------------------------------
+# KLDivergence(from_logits=True): logits for the prediction only (issue 12, point 4)
+# --------------------------------------------------------------------------------------------
+
+
+def _labels_and_logits(batch=16, classes=7, seed=11, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(classes, (batch,), generator=g)
+    logits = (torch.randn(batch, classes, generator=g, dtype=dtype) * 3).requires_grad_()
+    return labels, logits
+
+
+def test_from_logits_with_one_hot_targets_is_cross_entropy():
+    labels, logits = _labels_and_logits()
+    one_hot = F.one_hot(labels, 7).double()
+    loss = KLDivergence(from_logits=True)(one_hot, logits)  # H(one_hot) = 0: KL = CE
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    # d/dlogits of the batch-mean KL = (softmax(logits) - one_hot) / B
+    torch.testing.assert_close(logits.grad, (logits.softmax(-1) - one_hot).detach() / 16)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.05, 0.1, 0.5, 1.0])
+def test_from_logits_with_label_smoothing_is_cross_entropy_minus_target_entropy(smoothing):
+    labels, logits = _labels_and_logits(seed=12)
+    smooth = F.one_hot(labels, 7).double() * (1 - smoothing) + smoothing / 7
+    loss = KLDivergence(from_logits=True)(smooth, logits)
+    expected = F.cross_entropy(logits, labels, label_smoothing=smoothing) - entropy(smooth).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_from_logits_does_not_softmax_the_target_probabilities():
+    labels, logits = _labels_and_logits(seed=13)
+    smooth = F.one_hot(labels, 7).double() * 0.9 + 0.1 / 7
+    loss = KLDivergence("none", from_logits=True)(smooth, logits)
+    wrong = categorical_kl_from_logits(smooth, logits)  # KL(softmax(smooth) || ...)
+    assert (loss - wrong).abs().min() > 0.01
+    torch.testing.assert_close(loss, categorical_kl(smooth, logits.softmax(-1)))
+
+
+def test_target_from_logits_is_categorical_kl_from_logits():
+    g = torch.Generator().manual_seed(14)
+    teacher = torch.randn(5, 3, 9, generator=g, dtype=torch.float64)
+    student = torch.randn(5, 3, 9, generator=g, dtype=torch.float64)
+    per_row = categorical_kl_from_logits(teacher, student)
+    both = {"from_logits": True, "target_from_logits": True}
+    torch.testing.assert_close(KLDivergence("none", **both)(teacher, student), per_row)
+    torch.testing.assert_close(KLDivergence(**both)(teacher, student), per_row.sum() / 5)
+    # Teacher logits against student probabilities: the same number.
+    torch.testing.assert_close(
+        KLDivergence("none", target_from_logits=True)(teacher, student.softmax(-1)), per_row
+    )
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+def test_from_logits_reductions(reduction):
+    g = torch.Generator().manual_seed(15)
+    target = _random_probs(4, 3, 5, generator=g, zeros=0.3)  # (batch, time, classes)
+    logits = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    per_row = categorical_kl(target, logits.softmax(-1))
+    expected = {
+        "none": per_row,
+        "sum": per_row.sum(),
+        "mean": per_row.mean(),
+        "batchmean": per_row.sum() / 4,
+    }[reduction]
+    torch.testing.assert_close(KLDivergence(reduction, from_logits=True)(target, logits), expected)
+
+
+def test_from_logits_edge_cases_are_exact_with_finite_gradients():
+    inf = math.inf
+    logits = torch.tensor([[0.0, -inf, 1.0], [0.0, -inf, 1.0]], requires_grad=True)
+    target = torch.tensor([[0.5, 0.0, 0.5], [0.5, 0.5, 0.0]])
+    kl = KLDivergence("none", from_logits=True)(target, logits)
+    # Row 0: the target puts no mass where the prediction has none: 0 * log(0/0) = 0.
+    log_q = torch.log_softmax(logits.detach()[0], -1)
+    expected = 0.5 * (math.log(0.5) - log_q[0]) + 0.5 * (math.log(0.5) - log_q[2])
+    assert kl[0].item() == pytest.approx(expected.item())
+    # Row 1: target mass 0.5 where the predicted probability is exactly 0: +inf.
+    assert kl[1].item() == inf
+    target.requires_grad_()
+    kl = KLDivergence("none", from_logits=True)(target, logits)
+    kl[0].backward()
+    # Row 0's gradients are finite; row 1's KL is +inf, so its target gradient may be NaN
+    # (0 upstream times the infinite d/dp there, exactly as in categorical_kl).
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(target.grad[0]).all()
+
+
+@PROPERTY
+@given(distribution_pairs())
+def test_property_mixed_paths_agree_with_categorical_kl(pq):
+    # log of a probability is a valid logit (log 0 = -inf means probability 0).
+    p, q = pq
+    expected = categorical_kl(p, q)
+    ours = KLDivergence("none", from_logits=True)(p, q.log())
+    theirs = KLDivergence("none", target_from_logits=True)(p.log(), q)
+    for value in (ours, theirs):
+        assert value.item() == expected.item() or value.item() == pytest.approx(
+            expected.item(), rel=1e-10, abs=1e-12
+        )
+
+
+def test_from_logits_validation_of_each_argument():
+    logits = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="KLDivergence: argument 'target' has rows"):
+        KLDivergence(from_logits=True)(torch.tensor([[2.0, 1.0, 0.5, 0.1]] * 2), logits)
+    with pytest.raises(ValueError, match="KLDivergence: argument 'target' has negative"):
+        KLDivergence(from_logits=True)(torch.tensor([[1.5, -0.5, 0.0, 0.0]] * 2), logits)
+    with pytest.raises(ValueError, match="KLDivergence: argument 'predicted' contains \\+inf"):
+        KLDivergence(from_logits=True)(UNIFORM_ROWS, torch.tensor([[math.inf, 0, 0, 0]] * 2))
+    with pytest.raises(ValueError, match="KLDivergence: argument 'target' contains \\+inf"):
+        KLDivergence(target_from_logits=True)(torch.tensor([[math.inf, 0, 0, 0]] * 2), UNIFORM_ROWS)
+    with pytest.raises(ValueError, match="KLDivergence: argument 'predicted' has rows"):
+        KLDivergence(target_from_logits=True)(logits, logits)  # prediction given as logits
+    with pytest.raises(ValueError, match="'target_from_logits' must be True or False"):
+        KLDivergence(target_from_logits="yes")
+    assert "target_from_logits=True" in repr(KLDivergence(target_from_logits=True))
+
+
+UNIFORM_ROWS = torch.full((2, 4), 0.25)

@@ -281,6 +281,56 @@ def _categorical_kl_from_logits(
     return _p_log_ratio(log_p.exp(), log_p, log_q).sum(event_dim)
 
 
+def _categorical_kl_mixed(
+    target: Tensor,
+    predicted: Tensor,
+    dim: int,
+    validate: bool | None,
+    fn: str,
+    names: tuple[str, str],
+    *,
+    target_from_logits: bool,
+) -> Tensor:
+    """KL(p || q) with one side probabilities and the other logits.
+
+    Target probabilities p, predicted logits l (label smoothing, one-hot targets)::
+
+        KL = sum_i p_i * (log p_i - log_softmax(l)_i)
+
+    Target logits t, predicted probabilities q: sum_i softmax(t)_i * (log_softmax(t)_i - log q_i).
+    Same conventions as :func:`categorical_kl`: 0 where p_i = 0 (also against l_i = -inf or
+    q_i = 0), +inf where p_i > 0 meets q_i = 0 (l_i = -inf), finite gradients wherever the
+    value is finite.
+    """
+    target_name, predicted_name = names
+    require_tensor(fn, target_name, target)
+    require_tensor(fn, predicted_name, predicted)
+    shape = broadcast_shape(fn, **{target_name: target, predicted_name: predicted})
+    event_dim = normalise_event_dim(
+        fn, dim, shape, **{target_name: target, predicted_name: predicted}
+    )
+    if should_validate(validate):
+        if target_from_logits:
+            check_logits(fn, target_name, target, event_dim)
+            check_probabilities(fn, predicted_name, predicted, event_dim)
+        else:
+            check_probabilities(fn, target_name, target, event_dim)
+            check_logits(fn, predicted_name, predicted, event_dim)
+    if target_from_logits:
+        log_p = F.log_softmax(target, dim=event_dim)
+        p = log_p.exp()
+        # log q only where p > 0: elsewhere log(1) = 0 keeps 1/q out of the backward pass.
+        one = torch.ones((), dtype=predicted.dtype, device=predicted.device)
+        log_q = torch.where(p > 0, predicted, one).log()
+    else:
+        p = target
+        one = torch.ones((), dtype=p.dtype, device=p.device)
+        log_p = torch.where(p > 0, p, one).log()  # log 0 would put 1/0 into the graph
+        log_q = F.log_softmax(predicted, dim=event_dim)
+    p, log_p, log_q = torch.broadcast_tensors(p, log_p, log_q)
+    return _p_log_ratio(p, log_p, log_q).sum(event_dim)
+
+
 def categorical_kl(p: Tensor, q: Tensor, dim: int = -1, *, validate: bool | None = None) -> Tensor:
     r"""KL(p || q) = sum_i p_i * log(p_i / q_i) over ``dim``, from probabilities, in nats.
 
@@ -429,14 +479,40 @@ class KLDivergence(nn.Module):
     *predicted* distribution and whose second is the target, and whose ``reduction="mean"``
     divides by the number of elements (classes included) rather than distributions.
 
+    **Which argument is logits:** ``from_logits`` is about the *prediction* only (as in Keras'
+    losses); the target has its own switch, ``target_from_logits`` (like ``log_target`` of
+    :func:`torch.nn.functional.kl_div`). Logits are normalised with log_softmax over ``dim``;
+    probabilities must be >= 0 and sum to 1 along ``dim`` (see
+    :data:`vae.losses.validation.PROBABILITY_TOLERANCE`).
+
+    Label smoothing, or one-hot targets, against a model that outputs logits::
+
+        smooth = F.one_hot(labels, K).float() * (1 - eps) + eps / K   # probabilities
+        loss = KLDivergence(from_logits=True)(smooth, logits)
+        # = F.cross_entropy(logits, labels, label_smoothing=eps) - entropy(smooth).mean():
+        # the same gradients, and 0 at the optimum (eps = 0: exactly F.cross_entropy).
+
+    Distillation from a teacher's logits (Hinton et al. 2015). The temperature T is the
+    caller's job: divide both logits by T and, to keep the gradient scale independent of T,
+    multiply the loss by T**2::
+
+        distill = KLDivergence(from_logits=True, target_from_logits=True)
+        loss = distill(teacher_logits / T, student_logits / T) * T**2
+
+    Exact edge cases, no epsilon anywhere: a target probability of 0 contributes 0 (whatever
+    the prediction, even probability 0 / logit -inf); a target probability > 0 where the
+    predicted probability is 0 (logit -inf) gives +inf. Gradients are finite wherever the
+    value is.
+
     Args:
         reduction: how to reduce the per-distribution KL (``dim`` already summed out):
             ``"batchmean"`` sum / size of the first (batch) dimension, i.e. nats per example;
             ``"sum"`` total; ``"mean"`` mean over all distributions (e.g. over batch *and*
             time steps); ``"none"`` the per-distribution KL, shape = input shape minus ``dim``.
-        from_logits: if True both arguments are unnormalised logits (normalised with
-            log_softmax over ``dim``); if False both are probabilities.
+        from_logits: if True, ``predicted`` is unnormalised logits; if False, probabilities.
         dim: the event (class) dimension.
+        target_from_logits: if True, ``target`` is unnormalised logits (a teacher's);
+            if False (default), probabilities.
         validate: value checks on the inputs (None: the global switch).
     """
 
@@ -446,6 +522,7 @@ class KLDivergence(nn.Module):
         from_logits: bool = False,
         dim: int = -1,
         *,
+        target_from_logits: bool = False,
         validate: bool | None = None,
     ):
         super().__init__()
@@ -454,21 +531,36 @@ class KLDivergence(nn.Module):
                 f"KLDivergence: argument 'reduction' must be one of {_REDUCTIONS}, "
                 f"got {reduction!r}"
             )
-        if not isinstance(from_logits, bool):
-            raise ValueError(
-                f"KLDivergence: argument 'from_logits' must be True or False, got {from_logits!r}"
-            )
+        for name, flag in (
+            ("from_logits", from_logits),
+            ("target_from_logits", target_from_logits),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(
+                    f"KLDivergence: argument '{name}' must be True or False, got {flag!r}"
+                )
         self.reduction = reduction
         self.from_logits = from_logits
+        self.target_from_logits = target_from_logits
         self.dim = dim
         self.validate = validate
 
     def forward(self, target: Tensor, predicted: Tensor) -> Tensor:
         """KL(target || predicted), reduced as configured."""
-        kl_fn = _categorical_kl_from_logits if self.from_logits else _categorical_kl
-        kl = kl_fn(
-            target, predicted, self.dim, self.validate, "KLDivergence", ("target", "predicted")
-        )
+        fn, names = "KLDivergence", ("target", "predicted")
+        if self.from_logits == self.target_from_logits:
+            kl_fn = _categorical_kl_from_logits if self.from_logits else _categorical_kl
+            kl = kl_fn(target, predicted, self.dim, self.validate, fn, names)
+        else:
+            kl = _categorical_kl_mixed(
+                target,
+                predicted,
+                self.dim,
+                self.validate,
+                fn,
+                names,
+                target_from_logits=self.target_from_logits,
+            )
         if self.reduction == "none":
             return kl
         if self.reduction == "sum":
@@ -480,4 +572,7 @@ class KLDivergence(nn.Module):
         return kl.sum() / kl.shape[0]
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, from_logits={self.from_logits}, dim={self.dim}"
+        return (
+            f"reduction={self.reduction!r}, from_logits={self.from_logits}, "
+            f"target_from_logits={self.target_from_logits}, dim={self.dim}"
+        )
