@@ -22,6 +22,7 @@ from vae.losses import (
     categorical_kl_from_logits,
     cross_entropy,
     entropy,
+    validation,
 )
 
 PROPERTY = settings(max_examples=100, deadline=None)
@@ -491,3 +492,77 @@ def test_from_logits_validation_of_each_argument():
 
 
 UNIFORM_ROWS = torch.full((2, 4), 0.25)
+
+
+# --------------------------------------------------------------------------------------------
+# Empty and degenerate inputs (issue 12, point 6)
+# --------------------------------------------------------------------------------------------
+
+EMPTY_BATCH = torch.empty(0, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"from_logits": True}, {"from_logits": True, "target_from_logits": True}]
+)
+def test_kl_divergence_batchmean_of_an_empty_batch_is_an_error(kwargs):
+    with pytest.raises(
+        ValueError,
+        match=r"KLDivergence: argument 'target' is an empty batch \(shape \(0, 10\)\); "
+        r"pass at least one example",
+    ):
+        KLDivergence(**kwargs)(EMPTY_BATCH, EMPTY_BATCH)
+    with pytest.raises(ValueError, match="argument 'predicted' is an empty batch"):
+        KLDivergence(**kwargs)(torch.full((10,), 0.1), EMPTY_BATCH)  # broadcast to (0,)
+    with pytest.raises(ValueError, match="is an empty batch"), validation(False):
+        KLDivergence(**kwargs)(EMPTY_BATCH, EMPTY_BATCH)  # a shape check: always on
+
+
+def test_kl_divergence_mean_of_no_distributions_is_an_error():
+    no_time_steps = torch.empty(4, 0, 10)
+    with pytest.raises(
+        ValueError,
+        match=r"KLDivergence: argument 'target' holds no distributions \(shape \(4, 0, 10\)\)"
+        r".*reduction='mean'",
+    ):
+        KLDivergence("mean")(no_time_steps, no_time_steps)
+    with pytest.raises(ValueError, match="argument 'target' holds no distributions"):
+        KLDivergence("mean", from_logits=True)(EMPTY_BATCH, EMPTY_BATCH)
+    # batchmean of 4 examples with no time steps each: 0 nats per example, well defined.
+    assert KLDivergence()(no_time_steps, no_time_steps).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"from_logits": True}, {"from_logits": True, "target_from_logits": True}]
+)
+def test_kl_divergence_sum_and_none_of_an_empty_batch(kwargs):
+    total = KLDivergence("sum", **kwargs)(EMPTY_BATCH, EMPTY_BATCH)
+    assert total.shape == () and total.item() == 0.0  # the empty sum
+    per_row = KLDivergence("none", **kwargs)(EMPTY_BATCH, EMPTY_BATCH)
+    assert per_row.shape == (0,)
+
+
+def test_elementwise_functions_keep_an_empty_batch():
+    assert categorical_kl(EMPTY_BATCH, EMPTY_BATCH).shape == (0,)
+    assert categorical_kl_from_logits(EMPTY_BATCH, EMPTY_BATCH).shape == (0,)
+    assert entropy(EMPTY_BATCH).shape == (0,) and cross_entropy(EMPTY_BATCH, EMPTY_BATCH).shape == (
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda e: categorical_kl(e, e),
+        lambda e: categorical_kl_from_logits(e, e),
+        lambda e: entropy(e),
+        lambda e: cross_entropy(e, e),
+        lambda e: KLDivergence()(e, e),
+        lambda e: KLDivergence(from_logits=True)(e, e),
+        lambda e: KLDivergence(from_logits=True, target_from_logits=True)(e, e),
+    ],
+)
+def test_a_distribution_over_no_outcomes_is_an_error(call):
+    # A row of 0 entries sums to 0, not 1: it is no distribution, whatever the batch size.
+    for rows in (torch.empty(3, 0), torch.empty(0, 0)):
+        with pytest.raises(ValueError, match="has event size 0 along dim=-1"):
+            call(rows)

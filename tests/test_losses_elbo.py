@@ -206,3 +206,24 @@ def test_input_shape_errors():
         ValueError, match="CapacityKL: argument 'schedule' must be a CapacitySchedule"
     ):
         CapacityKL(gamma=1.0, schedule=ConstantBeta())
+
+
+def test_an_empty_batch_is_an_error_not_nan():
+    with pytest.raises(
+        ValueError,
+        match=r"compute_elbo: argument 'recon_nll' is an empty batch \(shape \(0,\)\); "
+        r"pass at least one example",
+    ):
+        compute_elbo(torch.zeros(0), torch.zeros(0, 8))
+    with pytest.raises(ValueError, match="compute_elbo: argument 'recon_nll' is an empty batch"):
+        compute_elbo(torch.zeros(0), torch.zeros(0, 8), validate=False)  # a shape check
+    for regulariser in (
+        BetaKL(),
+        CapacityKL(gamma=1.0, schedule=CapacitySchedule(c_max=5.0, steps=10)),
+        FreeBitsKL(free_bits=0.5),
+    ):
+        name = type(regulariser).__name__
+        with pytest.raises(
+            ValueError, match=rf"{name}: argument 'kl' is an empty batch \(shape \(0, 8\)\)"
+        ):
+            regulariser(torch.zeros(0, 8), 0)

@@ -110,3 +110,30 @@ def test_registry_and_bits_per_dim():
     assert bits_per_dim(torch.tensor(784 * math.log(2)), 784).item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="'num_dims'"):
         bits_per_dim(1.0, 0)
+
+
+EMPTY_CALLS = {
+    "bernoulli_nll": lambda prediction, target: bernoulli_nll(prediction, target),
+    "gaussian_nll": lambda prediction, target: gaussian_nll(prediction, target, 0.5),
+    "laplace_nll": lambda prediction, target: laplace_nll(prediction, target),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_CALLS))
+def test_an_empty_batch_is_a_value_error_naming_the_target(name):
+    call = EMPTY_CALLS[name]
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: argument 'target' is an empty batch \(shape \(0, 784\)\); "
+        r"pass at least one example",
+    ):
+        call(torch.zeros(0, 784), torch.zeros(0, 784))
+    with pytest.raises(ValueError, match=rf"{name}: argument 'target' is an empty batch"):
+        call(torch.zeros(784), torch.zeros(0, 784))  # a shared prediction, still no examples
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_CALLS))
+def test_examples_without_elements_have_nll_zero(name):
+    # -log of an empty product of likelihood terms: 0 nats for each of the 3 examples.
+    nll = EMPTY_CALLS[name](torch.zeros(3, 0), torch.zeros(3, 0))
+    assert nll.shape == (3,) and (nll == 0).all()

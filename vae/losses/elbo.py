@@ -113,6 +113,11 @@ def _check_kl(owner: str, kl: Tensor) -> None:
             f"{owner}: argument 'kl' must be the elementwise KL of shape (batch, latent_dims), "
             f"got {shape}"
         )
+    if kl.shape[0] == 0:
+        raise ValueError(
+            f"{owner}: argument 'kl' is an empty batch (shape {tuple(kl.shape)}); the batch mean "
+            f"of nothing is NaN: pass at least one example"
+        )
 
 
 class _ScheduledRegulariser:
@@ -273,6 +278,10 @@ def compute_elbo(
 
     Returns:
         :class:`ELBOTerms`.
+
+    Raises:
+        ValueError: on bad shapes, and on an empty batch (B = 0), whose batch means would be
+            NaN; with validation on, on NaN/Inf inputs.
     """
     fn = "compute_elbo"
     if not isinstance(recon_nll, Tensor) or recon_nll.dim() != 1:
@@ -295,6 +304,12 @@ def compute_elbo(
         raise ValueError(
             f"{fn}: batch sizes differ: 'recon_nll' has {recon_nll.shape[0]} examples, "
             f"'kl_elementwise' has {kl_elementwise.shape[0]}"
+        )
+    if recon_nll.shape[0] == 0:
+        # Every term is a batch mean, and the mean of nothing is NaN. A shape check, always on.
+        raise ValueError(
+            f"{fn}: argument 'recon_nll' is an empty batch (shape {tuple(recon_nll.shape)}); "
+            f"pass at least one example"
         )
     if should_validate(validate):
         check_all_finite(fn, recon_nll=recon_nll, kl_elementwise=kl_elementwise)

@@ -237,6 +237,23 @@ def _p_log_ratio_from_probabilities(p: Tensor, q: Tensor, *, with_log_p: bool = 
     return torch.where(positive, p * (log_p - log_q), zero)
 
 
+def _event_dim(fn: str, dim: int, shape: torch.Size, **tensors: Tensor) -> int:
+    """:func:`normalise_event_dim`, and an error for an event size of 0.
+
+    A row of 0 probabilities sums to 0, not 1: no distribution has no outcomes, so such a
+    row is an error (a shape check, always on) rather than a silent KL or entropy of 0.
+    An empty *batch* of distributions, shape (0, K), is fine: elementwise in, elementwise out.
+    """
+    event_dim = normalise_event_dim(fn, dim, shape, **tensors)
+    if shape[event_dim] == 0:
+        name = next(iter(tensors))
+        raise ValueError(
+            f"{fn}: argument '{name}' has event size 0 along dim={dim} (shape "
+            f"{tuple(tensors[name].shape)}); a distribution needs at least one outcome"
+        )
+    return event_dim
+
+
 def _check_pair(
     fn: str, p: Tensor, q: Tensor, dim: int, validate: bool | None, names: tuple[str, str]
 ) -> int:
@@ -244,7 +261,7 @@ def _check_pair(
     require_tensor(fn, p_name, p)
     require_tensor(fn, q_name, q)
     shape = broadcast_shape(fn, **{p_name: p, q_name: q})
-    event_dim = normalise_event_dim(fn, dim, shape, **{p_name: p, q_name: q})
+    event_dim = _event_dim(fn, dim, shape, **{p_name: p, q_name: q})
     if should_validate(validate):
         check_probabilities(fn, p_name, p, event_dim)
         check_probabilities(fn, q_name, q, event_dim)
@@ -271,7 +288,7 @@ def _categorical_kl_from_logits(
     require_tensor(fn, p_name, p_logits)
     require_tensor(fn, q_name, q_logits)
     shape = broadcast_shape(fn, **{p_name: p_logits, q_name: q_logits})
-    event_dim = normalise_event_dim(fn, dim, shape, **{p_name: p_logits, q_name: q_logits})
+    event_dim = _event_dim(fn, dim, shape, **{p_name: p_logits, q_name: q_logits})
     if should_validate(validate):
         check_logits(fn, p_name, p_logits, event_dim)
         check_logits(fn, q_name, q_logits, event_dim)
@@ -306,9 +323,7 @@ def _categorical_kl_mixed(
     require_tensor(fn, target_name, target)
     require_tensor(fn, predicted_name, predicted)
     shape = broadcast_shape(fn, **{target_name: target, predicted_name: predicted})
-    event_dim = normalise_event_dim(
-        fn, dim, shape, **{target_name: target, predicted_name: predicted}
-    )
+    event_dim = _event_dim(fn, dim, shape, **{target_name: target, predicted_name: predicted})
     if should_validate(validate):
         if target_from_logits:
             check_logits(fn, target_name, target, event_dim)
@@ -379,7 +394,7 @@ def entropy(
     fn = "entropy"
     factor = _unit_factor(fn, unit)
     require_tensor(fn, "p", p)
-    event_dim = normalise_event_dim(fn, dim, p.shape, p=p)
+    event_dim = _event_dim(fn, dim, p.shape, p=p)
     if should_validate(validate):
         check_probabilities(fn, "p", p, event_dim)
     # H(p) = -sum p log p = sum p * (0 - log p)
@@ -469,6 +484,11 @@ def mc_kl(
 _REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
+def _empty_argument(target: Tensor, predicted: Tensor) -> tuple[str, Tensor]:
+    """The argument that made a broadcast shape empty (broadcasting only yields a 0 from a 0)."""
+    return ("target", target) if target.numel() == 0 else ("predicted", predicted)
+
+
 class KLDivergence(nn.Module):
     r"""KL(target || predicted) as an ``nn.Module`` loss, for distillation and label smoothing.
 
@@ -509,6 +529,12 @@ class KLDivergence(nn.Module):
             ``"batchmean"`` sum / size of the first (batch) dimension, i.e. nats per example;
             ``"sum"`` total; ``"mean"`` mean over all distributions (e.g. over batch *and*
             time steps); ``"none"`` the per-distribution KL, shape = input shape minus ``dim``.
+            Empty inputs: ``"batchmean"`` of an empty batch (shape (0, ..., K)) and
+            ``"mean"`` of no distributions at all are 0 / 0, so they raise a ValueError
+            instead of returning NaN; ``"sum"`` of nothing is 0 and ``"none"`` returns the
+            empty per-distribution tensor, both well defined. (``"batchmean"`` of B > 0
+            examples with no distributions each, e.g. shape (B, 0, K), is 0.) A distribution
+            over K = 0 outcomes is always an error.
         from_logits: if True, ``predicted`` is unnormalised logits; if False, probabilities.
         dim: the event (class) dimension.
         target_from_logits: if True, ``target`` is unnormalised logits (a teacher's);
@@ -564,11 +590,24 @@ class KLDivergence(nn.Module):
         if self.reduction == "none":
             return kl
         if self.reduction == "sum":
-            return kl.sum()
+            return kl.sum()  # an empty batch sums to 0
         if self.reduction == "mean":
+            if kl.numel() == 0:
+                name, empty = _empty_argument(target, predicted)
+                raise ValueError(
+                    f"KLDivergence: argument '{name}' holds no distributions (shape "
+                    f"{tuple(empty.shape)}); reduction='mean' of nothing is undefined: pass at "
+                    f"least one distribution, or use reduction='sum'"
+                )
             return kl.mean()
         if kl.dim() == 0:
             return kl  # a single distribution: its own batch of one
+        if kl.shape[0] == 0:
+            name, empty = _empty_argument(target, predicted)
+            raise ValueError(
+                f"KLDivergence: argument '{name}' is an empty batch (shape "
+                f"{tuple(empty.shape)}); pass at least one example"
+            )
         return kl.sum() / kl.shape[0]
 
     def extra_repr(self) -> str:

@@ -7,6 +7,10 @@ numbers are true (log-)likelihoods that can be compared with papers and across l
 The prediction (logits / mean / loc, and the scale) must broadcast to ``target``'s shape, and
 ``target``'s first dimension is the batch. Broadcasting the *target* up to the prediction is
 refused, because that silently counts the same observation several times.
+
+Empty inputs: an empty batch (B = 0) is a ValueError, since the NLL is always averaged over
+the batch next and the mean of nothing is NaN; B > 0 examples with no elements each (shape
+(B, 0)) have NLL 0, the log of an empty product.
 """
 
 from __future__ import annotations
@@ -57,6 +61,13 @@ def _prepare(
     if target.dim() < 1:
         raise ValueError(
             f"{fn}: argument 'target' must have a batch dimension, shape (B, ...), got a scalar"
+        )
+    if target.shape[0] == 0:
+        # Not an empty (0,) result: every caller averages it over the batch, and the mean of
+        # nothing is NaN. A shape check, always on.
+        raise ValueError(
+            f"{fn}: argument 'target' is an empty batch (shape {tuple(target.shape)}); "
+            f"pass at least one example"
         )
     tensors = {prediction_name: prediction, "target": target}
     if scale_name is not None:
