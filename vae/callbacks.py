@@ -125,7 +125,7 @@ class LastCheckpoint(pl.Callback):
     validation) and every ``every_n_train_steps`` optimizer steps.
 
     Lightning's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only when it also
-    saved a top-k checkpoint at that step, so once ``val/loss`` stops improving its
+    saved a top-k checkpoint at that step, so once ``val/elbo`` stops improving its
     ``last.ckpt`` falls behind the run. Writes go through the trainer (rank 0, the atomic
     checkpoint IO of ``vae.checkpoints``).
     """
