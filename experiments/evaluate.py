@@ -123,7 +123,12 @@ def build_model_and_data(run_cfg: DictConfig, checkpoint: dict, ckpt: Path, data
         run_cfg.data.root = data_root
     try:
         datamodule = instantiate(run_cfg.data, _convert_="all")
-        model = instantiate(run_cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+        model = instantiate(
+            run_cfg.model,
+            image_shape=datamodule.image_shape,
+            data_levels=datamodule.num_levels,
+            _convert_="all",
+        )
         check_compatible(checkpoint, model, path=str(ckpt))
         model.load_state_dict(checkpoint["state_dict"])
         datamodule.setup("test")
@@ -146,31 +151,6 @@ def _progress(label: str, total: int):
             print(f"  {label}: {done}/{total} examples ({rate:.1f}/s)", file=sys.stderr, flush=True)
 
     return report
-
-
-def model_metrics(model, images, settings: DictConfig, device) -> dict[str, Any]:
-    """The test metrics that fit this kind of model (Gaussian VAE, VQ-VAE, VQ-VAE prior)."""
-    import torch
-
-    from vae.eval.suite import batches_of, gaussian_vae_metrics, vqvae_metrics, vqvae_prior_metrics
-
-    batches = batches_of(images, settings.batch_size, device)
-    total = images.shape[0]
-    if hasattr(model, "prior") and hasattr(model, "vqvae"):
-        return vqvae_prior_metrics(model, batches, _progress("prior", total))
-    if hasattr(model, "encode_indices") and hasattr(model, "num_codes"):
-        return vqvae_metrics(model, batches, _progress("codes", total))
-    if all(hasattr(model, m) for m in ("encode", "decode", "reconstruction_nll")):
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-        return gaussian_vae_metrics(
-            model,
-            batches,
-            settings.k,
-            settings.chunk_size,
-            generator,
-            _progress(f"nll_iw k={settings.k}", total),
-        )
-    raise EvaluationError(f"vae-eval does not know how to evaluate a {type(model).__name__}.")
 
 
 def sample_metrics(model, run_cfg: DictConfig, settings: DictConfig, limit: int | None, device):
@@ -255,9 +235,8 @@ def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     ckpt, run_dir = locate_run(cfg.get("ckpt_path"))
     run_cfg = load_run_config(run_dir)
 
-    import torch
-
     from vae.checkpoints import CheckpointError, read_checkpoint
+    from vae.eval.suite import evaluate_split
 
     try:
         checkpoint = read_checkpoint(ckpt)
@@ -277,8 +256,19 @@ def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         file=sys.stderr,
     )
     started = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    metrics = model_metrics(model, images, settings, device)
+    try:
+        metrics = evaluate_split(
+            model,
+            images,
+            k=settings.k,
+            batch_size=settings.batch_size,
+            chunk_size=settings.chunk_size,
+            seed=settings.seed,
+            device=device,
+            progress=_progress,
+        )
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
     notes: list[str] = []
     if settings.sample_scores:
         scores, notes = sample_metrics(model, run_cfg, settings, limit, device)

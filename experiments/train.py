@@ -126,7 +126,8 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     """Fit the configured model and return the final metrics (also written to metrics.json).
 
     With ``test`` (default: the config's top-level ``test`` key) the fitted model is also
-    evaluated on the test split, adding ``test/*`` metrics.
+    evaluated on the test split by ``vae.eval.suite.evaluate_split`` with the ``eval.*``
+    settings, the same numbers ``vae-eval`` writes (the one owner of ``test/*``).
     """
     # Imports are deferred so that `--help` and config errors answer without loading torch.
     import lightning.pytorch as pl
@@ -160,7 +161,12 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         # later does nothing. With download=true, Lightning's prepare_data() comes first.)
         datamodule.setup("fit")
     with _config_errors():
-        model = instantiate(cfg.model, image_shape=datamodule.image_shape, _convert_="all")
+        model = instantiate(
+            cfg.model,
+            image_shape=datamodule.image_shape,
+            data_levels=datamodule.num_levels,
+            _convert_="all",
+        )
     model.configure_guard(**(cfg.get("trainer_guard") or {}))
     ckpt_path = cfg.get("ckpt_path")
     resume_step = None
@@ -194,7 +200,7 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         hparams = {
             key: value
             for key, value in flatten_config(resolved).items()
-            if not key.startswith(("callbacks.", "logger.", "paths."))
+            if not key.startswith(("callbacks.", "logger.", "paths.", "eval."))
         }
         log_hparams(trainer.loggers, hparams, model.hparam_metric_tags())
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -209,10 +215,7 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     if throughput is not None:
         metrics[tags.TRAIN_SAMPLES_PER_S] = throughput.samples_per_s
     if test if test is not None else cfg.get("test", False):
-        trainer.test(model, datamodule=datamodule, verbose=False)
-        metrics.update(
-            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        )
+        metrics.update(_evaluate_test_split(model, datamodule, cfg.eval, trainer))
     metrics[tags.TRAIN_SKIPPED_BATCHES] = model.guard.skipped_batches
     metrics["epoch"] = trainer.current_epoch
     metrics["global_step"] = trainer.global_step
@@ -220,6 +223,41 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         write_metrics(run_dir, metrics)
         for logger in trainer.loggers:
             logger.finalize("success")
+    return metrics
+
+
+def _evaluate_test_split(model, datamodule, settings: DictConfig, trainer) -> dict[str, Any]:
+    """The final model's ``test/*`` numbers, exactly as ``vae-eval`` computes them (only the
+    likelihood and codebook numbers; the sample scores need ``vae-eval``), written to the run's
+    loggers at the final step. Every process computes them; rank 0 writes."""
+    import torch
+
+    from vae import tags
+    from vae.eval.suite import evaluate_split
+    from vae.tensorboard import log_histogram
+
+    model.eval()
+    images = datamodule.test_split.images[: settings.limit]
+    metrics = evaluate_split(
+        model,
+        images,
+        k=settings.k,
+        batch_size=settings.batch_size,
+        chunk_size=settings.chunk_size,
+        seed=settings.seed,
+        device=model.device,
+    )
+    if trainer.is_global_zero:
+        scalars = {
+            name: value
+            for name, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+        if tags.TEST_KL_PER_DIM in metrics:
+            values = torch.tensor(metrics[tags.TEST_KL_PER_DIM])
+            log_histogram(trainer.loggers, tags.TEST_KL_PER_DIM, values, trainer.global_step)
     return metrics
 
 

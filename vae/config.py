@@ -120,6 +120,12 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.log_every_n_steps", positive_int, "a positive integer"),
     Rule("seed", lambda v: v is None or _is_int(v), "an integer or null"),
     Rule("train_loop.steps_per_call", positive_int, "a positive integer (1: a step per batch)"),
+    Rule("test", lambda v: isinstance(v, bool), "true or false"),
+    Rule("eval.k", positive_int, "a positive integer, e.g. eval.k=5000"),
+    Rule("eval.limit", optional(positive_int), "null or a positive integer"),
+    Rule("eval.batch_size", positive_int, "a positive integer"),
+    Rule("eval.chunk_size", optional(positive_int), "null or a positive integer"),
+    Rule("eval.seed", non_negative_int, "an integer >= 0"),
 )
 
 
@@ -141,8 +147,8 @@ def validate_config(cfg: DictConfig) -> None:
     if likelihood == "bernoulli" and binarize == "none":
         warnings.warn(
             "model.likelihood=bernoulli with data.binarize=none: the Bernoulli NLL is not a "
-            "likelihood of grey-level pixels, so val/elbo is not comparable with the literature. "
-            "Use data.binarize=dynamic for likelihood numbers.",
+            "likelihood of grey-level pixels, so val/elbo is not comparable with the literature "
+            "and no bits/dim is logged. Use data.binarize=dynamic for likelihood numbers.",
             stacklevel=2,
         )
 

@@ -2,7 +2,20 @@
 
 Every scalar is in nats per example (summed over latent dimensions and pixels, averaged over
 the batch) unless its name says otherwise (``bits_per_dim``, ``perplexity``, fractions, counts).
-``metrics.json`` uses the same names as keys.
+``metrics.json`` uses the same names as keys. Each tag has one definition wherever it is
+written.
+
+Likelihood units. For a Bernoulli likelihood on binarized pixels the nats are of a probability.
+For a density (``gaussian``, ``laplace``) on discrete pixels the model is fitted to uniformly
+dequantized pixels y = (k + u) / L (L = the data's ``num_levels``), and recon, elbo and nll_iw
+are of that density. ``*/bits_per_dim`` is always the discrete figure comparable with papers:
+
+    bits_per_dim = NLL / (pixels * ln 2)              Bernoulli on binarized pixels
+    bits_per_dim = NLL / (pixels * ln 2) + log2(L)    a density on dequantized pixels
+
+with NLL = -elbo (``val/``) or ``test/nll_iw``. It is not written where no such figure exists:
+a Bernoulli likelihood on grey levels (``data.binarize=none``) is a cross-entropy, not a
+likelihood.
 """
 
 # Gaussian VAE
@@ -86,16 +99,20 @@ VQVAE_IMAGES = (*IMAGES, VAL_CODE_HISTOGRAM)
 # VQ-VAE prior (vae.models.VQVAEPrior, second stage). Same names as the VAE's, for one axis:
 #   train/kl, val/kl   -log p(codes) under the learned prior: KL(one-hot q || prior), nats
 #   val/elbo           -(recon + kl), a lower bound on log p(x) of VQ-VAE + prior
-#   val/bits_per_dim   -val/elbo / (pixels x ln 2)
+#   val/bits_per_dim   from -val/elbo, as in the module docstring
 VQVAE_PRIOR_TRAIN_SCALARS = (TRAIN_LOSS, TRAIN_KL)
 VQVAE_PRIOR_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_BITS_PER_DIM)
 
-# Test split, written by `vae-eval` (vae.eval.suite) into the run's TensorBoard and metrics.json.
-#   test/nll_iw          -log (1/k) sum_i p(x, z_i) / q(z_i|x), k = test/importance_samples (nats)
+# Test split. One owner: vae.eval.suite.evaluate_split, called by `vae-eval` and by
+# `vae-train test=true` (same eval.* settings, same numbers), into the run's TensorBoard and
+# metrics.json. Sample scores (label KL, classifier score, FID) come from `vae-eval` only.
+#   test/nll_iw          -log (1/k) sum_i p(x, z_i) / q(z_i|x), k = test/importance_samples (nats);
+#                        its expectation bounds -log p(x) from above and tightens as k grows
 #   test/elbo            -(test/recon + test/kl), exact KL, k-sample reconstruction term (nats)
-#   test/bits_per_dim    Gaussian VAE: test/nll_iw / (pixels x ln 2); VQ-VAE: -test/elbo / (pixels
-#                        x ln 2) with test/kl the rate under the uniform prior (latent positions x
-#                        log K), or under the learned prior (-log p(codes)) for a VQ-VAE prior run
+#   test/bits_per_dim    Gaussian VAE: from test/nll_iw; VQ-VAE: from -test/elbo with test/kl the
+#                        rate under the uniform prior (latent positions x log K), or under the
+#                        learned prior (-log p(codes)) for a VQ-VAE prior run; see the module
+#                        docstring for the log2(L) offset of densities, and where it is absent
 #   test/active_units    units with Var_x(E_q[z_d]) > 0.01 (Burda et al. 2016)
 #   test/kl_per_dim      histogram in TensorBoard, a list (nats per dimension) in metrics.json
 #   test/recon_mse       VQ-VAE: mean squared error per pixel of the decoder mean
@@ -105,7 +122,6 @@ VQVAE_PRIOR_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_BITS_PER_D
 #   test/classifier_accuracy  accuracy of that classifier on the split's images
 #   test/fid             only where Inception weights are installed
 #   test/num_examples, test/importance_samples, test/num_samples  the protocol of the numbers
-TEST_LOSS = "test/loss"
 TEST_NLL_IW = "test/nll_iw"
 TEST_ELBO = "test/elbo"
 TEST_RECON = "test/recon"

@@ -33,6 +33,7 @@ class DigitsDataModule(InMemoryDataModule):
     name = "digits"
     image_shape = (1, 8, 8)
     num_classes = 10
+    intensity_levels = DIGITS_MAX_INTENSITY + 1
 
     def __init__(
         self,

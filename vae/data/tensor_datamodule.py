@@ -64,6 +64,9 @@ class InMemoryDataModule(L.LightningDataModule):
     name: ClassVar[str]
     image_shape: ClassVar[tuple[int, int, int]]  # (C, H, W), known before any data is read
     num_classes: ClassVar[int]
+    # Distinct intensity levels of the raw pixels, served as k / (levels - 1) in [0, 1]:
+    # 17 for the digits (0..16), 256 for 8-bit images. See ``num_levels``.
+    intensity_levels: ClassVar[int] = 256
 
     def __init__(
         self,
@@ -100,6 +103,13 @@ class InMemoryDataModule(L.LightningDataModule):
         # logger: the run logs its whole flattened config once (vae.tensorboard.log_hparams),
         # and a second hparams record would compete for the HParams tab.
         self.save_hyperparameters(logger=False)
+
+    @property
+    def num_levels(self) -> int:
+        """Distinct values a pixel can take in the batches served: 2 when binarized, else the
+        raw ``intensity_levels``. Known before any data is read; the model uses it to turn a
+        density into bits/dim comparable with discrete likelihoods (uniform dequantization)."""
+        return 2 if self.binarize != "none" else self.intensity_levels
 
     @abstractmethod
     def load_splits(self) -> tuple[ImageSplit, ImageSplit, ImageSplit]:

@@ -12,7 +12,6 @@ All likelihood terms are nats per example, averaged over the examples of the spl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +22,7 @@ from vae import tags
 from vae.eval.active_units import PosteriorMeanStatistics, count_active_units
 from vae.eval.nll import importance_weighted_bounds
 from vae.eval.sample_scores import classifier_score, label_kl, predict_probabilities
-from vae.losses import bits_per_dim, codebook_usage, perplexity
+from vae.losses import codebook_usage, perplexity
 
 __all__ = [
     "batches_of",
@@ -31,6 +30,7 @@ __all__ = [
     "sample_score_metrics",
     "vqvae_metrics",
     "vqvae_prior_metrics",
+    "evaluate_split",
 ]
 
 Progress = Callable[[int], None]
@@ -72,19 +72,18 @@ def gaussian_vae_metrics(
     * ``test/nll_iw``: -L_k, the importance-weighted bound with k samples (Burda et al. 2016);
     * ``test/elbo``: -(recon + kl) with the exact KL and a k-sample reconstruction term;
     * ``test/recon``, ``test/kl`` and ``test/kl_per_dim`` (a list, nats per dimension);
-    * ``test/bits_per_dim``: ``test/nll_iw`` / (pixels * ln 2);
+    * ``test/bits_per_dim``: ``test/nll_iw`` / (pixels * ln 2), plus log2 L for a density on
+      dequantized pixels; absent where no comparable figure exists (``_bits_per_dim``);
     * ``test/active_units``: dimensions with Var_x(E_q[z_d]) > 0.01;
     * ``test/num_examples`` and ``test/importance_samples`` (k), to state the protocol.
     """
     means = _Means()
     posterior_means = PosteriorMeanStatistics()
-    num_pixels = None
     for x in batches:
         bounds = importance_weighted_bounds(model, x, k, chunk_size, generator)
         means.count += x.shape[0]
         means.add(nll_iw=bounds.nll_iw, recon=bounds.recon, kl_per_dim=bounds.kl_per_dim)
         posterior_means.update(model.encode(x)[0])
-        num_pixels = math.prod(x.shape[1:])
         if progress is not None:
             progress(means.count)
     if means.count == 0:
@@ -101,7 +100,7 @@ def gaussian_vae_metrics(
         tags.TEST_RECON: recon,
         tags.TEST_KL: kl,
         tags.TEST_KL_PER_DIM: kl_per_dim.tolist(),
-        tags.TEST_BITS_PER_DIM: float(bits_per_dim(nll_iw, num_pixels)),
+        **_bits_per_dim(model, nll_iw),
         tags.TEST_ACTIVE_UNITS: count_active_units(posterior_means.variance),
         tags.TEST_NUM_EXAMPLES: means.count,
         tags.TEST_IMPORTANCE_SAMPLES: k,
@@ -153,7 +152,6 @@ def vqvae_metrics(
     """
     means = _Means()
     counts = None
-    num_pixels = None
     for x in batches:
         params, quantized = model(x)
         batch_counts = torch.bincount(quantized.indices.flatten(), minlength=model.num_codes)
@@ -163,7 +161,6 @@ def vqvae_metrics(
             squared_error=(model.decoder_mean(params.float()) - x).square().flatten(1).mean(1),
             recon=model.reconstruction_nll(params, x),
         )
-        num_pixels = math.prod(x.shape[1:])
         if progress is not None:
             progress(means.count)
     if means.count == 0:
@@ -176,7 +173,7 @@ def vqvae_metrics(
         tags.TEST_CODEBOOK_USAGE: float(codebook_usage(counts)),
         tags.TEST_KL: kl,
         tags.TEST_ELBO: -(recon + kl),
-        tags.TEST_BITS_PER_DIM: float(bits_per_dim(recon + kl, num_pixels)),
+        **_bits_per_dim(model, recon + kl),
         tags.TEST_NUM_EXAMPLES: means.count,
     }
 
@@ -202,12 +199,53 @@ def vqvae_prior_metrics(
             progress(done)
     kl = total_kl / metrics[tags.TEST_NUM_EXAMPLES]
     recon = metrics[tags.TEST_RECON]
-    num_pixels = math.prod(batches[0].shape[1:])
-    metrics.update(
-        {
-            tags.TEST_KL: kl,
-            tags.TEST_ELBO: -(recon + kl),
-            tags.TEST_BITS_PER_DIM: float(bits_per_dim(recon + kl, num_pixels)),
-        }
-    )
+    metrics.update({tags.TEST_KL: kl, tags.TEST_ELBO: -(recon + kl)})
+    metrics.update(_bits_per_dim(model.vqvae, recon + kl))
     return metrics
+
+
+def _bits_per_dim(model, nll: float) -> dict[str, float]:
+    """``{test/bits_per_dim: ...}`` where the model's likelihood has a figure comparable with
+    papers (``LatentVariableModule.bits_per_dim``: with the log2 L offset for a density on
+    dequantized pixels), else ``{}``: no number is better than a wrong one."""
+    bits = model.bits_per_dim(nll) if hasattr(model, "bits_per_dim") else None
+    return {} if bits is None else {tags.TEST_BITS_PER_DIM: float(bits)}
+
+
+def evaluate_split(
+    model,
+    images: Tensor,
+    *,
+    k: int,
+    batch_size: int,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str, int], Progress] | None = None,
+) -> dict[str, Any]:
+    """Every ``test/*`` likelihood number of ``model`` on ``images``, the one definition of
+    those tags: ``vae-eval`` and ``vae-train test=true`` both call this.
+
+    Dispatches on what the model provides: a VQ-VAE prior (``.vqvae`` and ``.prior``), a VQ-VAE
+    (``encode_indices``), or a Gaussian VAE (``encode``, ``decode``, ``reconstruction_nll``).
+    ``progress(label, total)`` may return a callback that is told the examples done so far.
+    The model should be in eval mode; ``seed`` keys the importance samples and, for a density
+    on dequantized pixels, the dequantization noise.
+    """
+    batches = batches_of(images, batch_size, device)
+    total = images.shape[0]
+
+    def report(label: str) -> Progress | None:
+        return progress(label, total) if progress is not None else None
+
+    torch.manual_seed(seed)
+    if hasattr(model, "prior") and hasattr(model, "vqvae"):
+        return vqvae_prior_metrics(model, batches, report("prior"))
+    if hasattr(model, "encode_indices") and hasattr(model, "num_codes"):
+        return vqvae_metrics(model, batches, report("codes"))
+    if all(hasattr(model, m) for m in ("encode", "decode", "reconstruction_nll")):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return gaussian_vae_metrics(
+            model, batches, k, chunk_size, generator, report(f"nll_iw k={k}")
+        )
+    raise ValueError(f"no test metrics are defined for a {type(model).__name__}.")

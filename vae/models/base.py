@@ -14,7 +14,12 @@ import lightning.pytorch as pl
 import torch
 
 from vae import tags
-from vae.losses import get_likelihood
+from vae.losses import (
+    CONTINUOUS_LIKELIHOODS,
+    bits_per_dim,
+    get_likelihood,
+    uniform_dequantize,
+)
 from vae.tensorboard import log_histogram, log_image_grid
 
 
@@ -168,20 +173,62 @@ class LatentVariableModule(pl.LightningModule):
         )
 
     # --- the likelihood p(x | latent), shared by every model ---------------------------------
-    def set_likelihood(self, name: str, log_sigma: torch.Tensor | float = 0.0) -> None:
+    def set_likelihood(
+        self, name: str, log_sigma: torch.Tensor | float = 0.0, data_levels: int | None = None
+    ) -> None:
         """Use ``vae.losses`` likelihood ``name``; ``log_sigma`` is the Gaussian/Laplace scale.
 
         ``log_sigma`` may be a float, a buffer or a parameter the subclass registered itself.
+        ``data_levels`` is the number of distinct pixel values of the data (the DataModule's
+        ``num_levels``: 2 when binarized, 17 for raw digits, 256 for 8-bit images), or None
+        when unknown. A density (Gaussian, Laplace) on discrete pixels is then fitted to
+        uniformly dequantized targets, so that its bits/dim are comparable with the literature
+        (see :meth:`bits_per_dim`).
         """
+        if data_levels is not None and (
+            isinstance(data_levels, bool) or not isinstance(data_levels, int) or data_levels < 2
+        ):
+            raise ValueError(
+                f"data_levels must be an integer >= 2 (the DataModule's num_levels), got "
+                f"{data_levels!r}"
+            )
         self.likelihood_name = name
         self.likelihood = get_likelihood(name)
+        self.data_levels = data_levels
+        self.dequantization_levels = data_levels if name in CONTINUOUS_LIKELIHOODS else None
         if not isinstance(log_sigma, torch.Tensor):
             self.log_sigma = log_sigma
 
+    @property
+    def reports_bits_per_dim(self) -> bool:
+        """Whether this model's NLL has bits/dim comparable with papers (see bits_per_dim)."""
+        if self.data_levels is None:
+            return False
+        return self.dequantization_levels is not None or self.data_levels == 2
+
+    def bits_per_dim(self, nll: torch.Tensor | float) -> torch.Tensor | float | None:
+        """An NLL (nats per example) as bits per pixel comparable with the literature, or None.
+
+        * Bernoulli on binarized pixels: a probability, so nll / (pixels * ln 2).
+        * Gaussian / Laplace: a density of the dequantized pixels y = (k + u) / L, so
+          nll / (pixels * ln 2) + log2(L), a bound on the discrete pixels' bits/dim.
+        * Bernoulli on grey levels (not a normalised likelihood), or data of unknown depth:
+          None, and no ``*/bits_per_dim`` is logged.
+        """
+        if not self.reports_bits_per_dim:
+            return None
+        return bits_per_dim(nll, self.num_pixels, self.dequantization_levels)
+
     def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """-log p(x | latent) in nats per example, shape (B,), from raw decoder outputs."""
+        """-log p(x | latent) in nats per example, shape (B,), from raw decoder outputs.
+
+        For a density on discrete pixels, of the dequantized pixels (k + u) / L with a fresh
+        u ~ U[0, 1) at every call (training, validation and each importance sample alike).
+        """
         if self.likelihood_name == "bernoulli":
             return self.likelihood(params, x, validate=False)
+        if self.dequantization_levels is not None:
+            x = uniform_dequantize(x, self.dequantization_levels)
         return self.likelihood(params, x, self.log_sigma, validate=False)
 
     def decoder_mean(self, params: torch.Tensor) -> torch.Tensor:
@@ -317,13 +364,6 @@ class LatentVariableModule(pl.LightningModule):
         self.log_val_scalars(terms, batch_size=x.shape[0])
         if batch_idx == 0:
             self._val_batch_for_images = x[: self.num_images]
-        return terms
-
-    def test_step(self, batch, batch_idx):
-        """The validation terms on the test split, logged as ``test/<name>`` epoch means."""
-        x = batch[0]
-        _, terms = self.compute_terms(x, step=self.global_step)
-        self.log_scalars("test", terms, self.val_scalar_names(), batch_size=x.shape[0])
         return terms
 
     # --- guards ---------------------------------------------------------------------------------

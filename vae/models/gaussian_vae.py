@@ -96,10 +96,13 @@ class GaussianVAE(LatentVariableModule):
         capacity_gamma: float = 1000.0,
         free_bits: float = 0.0,
         num_images: int = 64,
+        data_levels: int | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     ):
         super().__init__(optimizer=optimizer, num_images=num_images)
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        if not sigma > 0:
+            raise ValueError(f"model.sigma must be > 0, got {sigma}.")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.latent_dim = int(latent_dim)
         self.encoder = build_encoder(
@@ -111,7 +114,8 @@ class GaussianVAE(LatentVariableModule):
             self.log_sigma = nn.Parameter(log_sigma)
         else:
             self.register_buffer("log_sigma", log_sigma)
-        self.set_likelihood(likelihood, self.log_sigma)
+        self.num_pixels = math.prod(self.image_shape)
+        self.set_likelihood(likelihood, self.log_sigma, data_levels)
         self.regulariser = kl_regulariser(
             kl_schedule,
             beta=beta,
@@ -123,7 +127,6 @@ class GaussianVAE(LatentVariableModule):
             capacity_gamma=capacity_gamma,
             free_bits=free_bits,
         )
-        self.num_pixels = math.prod(self.image_shape)
         # Fixed prior draws, so that val/samples shows the same z across epochs.
         generator = torch.Generator().manual_seed(1234)
         self.register_buffer(
@@ -164,20 +167,23 @@ class GaussianVAE(LatentVariableModule):
         terms = compute_elbo(recon_nll, kl, self.regulariser, step, validate=False)
         if not self.training:
             self._accumulate_validation_stats(mu, terms.kl_per_dim)
-        return terms.loss, {
+        scalars = {
             "loss": terms.loss,
             "recon": terms.recon,
             "kl": terms.kl,
             "beta": terms.beta,
             "elbo": terms.elbo,
-            "bits_per_dim": -terms.elbo / (self.num_pixels * math.log(2.0)),
         }
+        if self.reports_bits_per_dim:
+            scalars["bits_per_dim"] = self.bits_per_dim(-terms.elbo)
+        return terms.loss, scalars
 
     def train_scalar_names(self):
         return ("loss", "recon", "kl", "beta")
 
     def val_scalar_names(self):
-        return ("loss", "recon", "kl", "elbo", "bits_per_dim")
+        bits = ("bits_per_dim",) if self.reports_bits_per_dim else ()
+        return ("loss", "recon", "kl", "elbo", *bits)
 
     def hparam_metric_tags(self):
         return (*super().hparam_metric_tags(), "val/active_units")

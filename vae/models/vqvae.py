@@ -77,6 +77,8 @@ class VQVAE(LatentVariableModule):
         num_res_blocks, res_hidden: the residual stacks of encoder and decoder.
         likelihood: ``bernoulli`` (logits) or ``gaussian`` / ``laplace`` (location, fixed scale
             ``sigma``).
+        data_levels: distinct pixel values of the data (the DataModule's ``num_levels``), set
+            by the entry point; see ``LatentVariableModule.set_likelihood``.
     """
 
     guarded_terms = ("recon", "vq_loss")
@@ -103,6 +105,7 @@ class VQVAE(LatentVariableModule):
         sigma: float = 1.0,
         lr: float = 1e-3,
         num_images: int = 64,
+        data_levels: int | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     ):
         super().__init__(optimizer=optimizer, num_images=num_images)
@@ -136,8 +139,8 @@ class VQVAE(LatentVariableModule):
         self.num_codes = self.quantizer.num_codes
         if not sigma > 0:
             raise ValueError(f"model.sigma must be > 0, got {sigma}.")
-        self.set_likelihood(likelihood, math.log(sigma))
         self.num_pixels = math.prod(self.image_shape)
+        self.set_likelihood(likelihood, math.log(sigma), data_levels)
         self.rate = uniform_prior_rate(math.prod(self.grid_shape), self.num_codes)
         self._val_code_counts: torch.Tensor | None = None
 
@@ -175,8 +178,9 @@ class VQVAE(LatentVariableModule):
             "restarted_codes": self.quantizer.num_restarted,
             "kl": kl,
             "elbo": elbo,
-            "bits_per_dim": -elbo / (self.num_pixels * math.log(2.0)),
         }
+        if self.reports_bits_per_dim:
+            terms["bits_per_dim"] = self.bits_per_dim(-elbo)
         if not self.training:
             terms["mse"] = (self.decoder_mean(params.detach().float()) - x).pow(2).mean()
             self._accumulate_code_counts(quantized.counts)
@@ -195,7 +199,8 @@ class VQVAE(LatentVariableModule):
         )
 
     def val_scalar_names(self):
-        return ("loss", "recon", "kl", "elbo", "bits_per_dim", "mse")
+        bits = ("bits_per_dim",) if self.reports_bits_per_dim else ()
+        return ("loss", "recon", "kl", "elbo", *bits, "mse")
 
     def hparam_metric_tags(self):
         return (*super().hparam_metric_tags(), tags.VAL_PERPLEXITY, tags.VAL_CODEBOOK_USAGE)

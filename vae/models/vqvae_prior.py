@@ -8,7 +8,8 @@ With this prior the rate of the VQ-VAE is KL(one-hot q(c|x) || p(c)) = -log p(c(
 
     log p(x) >= log p(x | c(x)) + log p(c(x)) = -(recon + kl) = elbo,
 
-so ``val/bits_per_dim = -elbo / (pixels * ln 2)`` is an upper bound on the bits per dimension
+so ``val/bits_per_dim = -elbo / (pixels * ln 2)`` (plus log2 L for a density on dequantized
+pixels, see ``LatentVariableModule.bits_per_dim``) is an upper bound on the bits per dimension
 of the whole model (VQ-VAE decoder + prior). ``val/samples`` shows codes drawn from the prior
 and decoded by the frozen decoder: real generations.
 
@@ -34,11 +35,15 @@ from vae.nn.prior import CodePrior
 SAMPLE_SEED = 1234  # val/samples draws the same random stream each epoch
 
 
-def load_frozen_vqvae(path: str, image_shape: Sequence[int]) -> VQVAE:
+def load_frozen_vqvae(
+    path: str, image_shape: Sequence[int], data_levels: int | None = None
+) -> VQVAE:
     """The VQ-VAE of checkpoint ``path``, in eval mode with gradients off.
 
     Raises ``CheckpointError`` (a ``ValueError``) naming ``model.vqvae_ckpt`` if the file is not
-    a VQ-VAE checkpoint or was trained on images of another shape.
+    a VQ-VAE checkpoint or was trained on images of another shape or depth (``data_levels``,
+    e.g. binarized against grey-level pixels). A checkpoint that predates ``data_levels``
+    takes this run's.
     """
     checkpoint = read_checkpoint(path)
     saved_class = checkpoint.get("model_class", VQVAE.__qualname__)
@@ -54,6 +59,13 @@ def load_frozen_vqvae(path: str, image_shape: Sequence[int]) -> VQVAE:
             f"model.vqvae_ckpt={path} was trained on images of shape {saved_shape}, but the data "
             f"gives {tuple(image_shape)}; use the same data=... as the VQ-VAE run."
         )
+    saved_levels = hparams.get("data_levels")
+    if saved_levels is not None and data_levels is not None and saved_levels != data_levels:
+        raise CheckpointError(
+            f"model.vqvae_ckpt={path} was trained on pixels with {saved_levels} levels, but the "
+            f"data gives {data_levels}; use the same data.binarize as the VQ-VAE run."
+        )
+    hparams["data_levels"] = saved_levels if saved_levels is not None else data_levels
     model = VQVAE(**hparams)
     model.load_state_dict(checkpoint["state_dict"])
     return freeze(model)
@@ -89,6 +101,7 @@ class VQVAEPrior(LatentVariableModule):
         temperature: float = 1.0,
         lr: float = 1e-3,
         num_images: int = 64,
+        data_levels: int | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     ):
         super().__init__(optimizer=optimizer, num_images=num_images)
@@ -101,9 +114,10 @@ class VQVAEPrior(LatentVariableModule):
                 "model.vqvae_ckpt=<vqvae run>/checkpoints/last.ckpt for real results.",
                 stacklevel=2,
             )
-            self.vqvae = freeze(VQVAE(self.image_shape, **dict(vqvae or {})))
+            vqvae_args = {**dict(vqvae or {}), "data_levels": data_levels}
+            self.vqvae = freeze(VQVAE(self.image_shape, **vqvae_args))
         else:
-            self.vqvae = load_frozen_vqvae(str(vqvae_ckpt), self.image_shape)
+            self.vqvae = load_frozen_vqvae(str(vqvae_ckpt), self.image_shape, data_levels)
         self.prior = CodePrior(
             self.vqvae.num_codes,
             self.vqvae.grid_shape,
@@ -137,16 +151,17 @@ class VQVAEPrior(LatentVariableModule):
                 params = self.vqvae.decoder(quantized.quantized)
                 recon = self.vqvae.reconstruction_nll(params, x).mean()
             elbo = -(recon + kl)
-            terms.update(
-                recon=recon, elbo=elbo, bits_per_dim=-elbo / (self.num_pixels * math.log(2.0))
-            )
+            terms.update(recon=recon, elbo=elbo)
+            if self.vqvae.reports_bits_per_dim:
+                terms["bits_per_dim"] = self.vqvae.bits_per_dim(-elbo)
         return kl, terms
 
     def train_scalar_names(self):
         return ("loss", "kl")
 
     def val_scalar_names(self):
-        return ("loss", "recon", "kl", "elbo", "bits_per_dim")
+        bits = ("bits_per_dim",) if self.vqvae.reports_bits_per_dim else ()
+        return ("loss", "recon", "kl", "elbo", *bits)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
