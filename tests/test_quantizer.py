@@ -64,6 +64,99 @@ def test_search_ignores_the_norm_of_z_but_not_the_norm_of_codes():
     assert out.indices.tolist() == [[0, 1]]
 
 
+def squared_distances_float64(points: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """(N, K) sum_d (z_nd - e_kd)^2 in float64: the brute force the search must agree with."""
+    codes = codebook.double().unsqueeze(0)
+    return torch.cat(
+        [(rows.double().unsqueeze(1) - codes).square().sum(-1) for rows in points.split(128)]
+    )
+
+
+def assert_nearest_up_to_float64_ties(chosen, points, codebook):
+    """Each chosen code is a float64 nearest one, or ties with it to float64 rounding."""
+    distances = squared_distances_float64(points, codebook)
+    nearest = distances.amin(1)
+    excess = distances.gather(1, chosen.unsqueeze(1)).squeeze(1) - nearest
+    float64_rounding = 4 * (codebook.shape[1] + 1) * 2.0**-53 * nearest
+    assert bool((excess <= float64_rounding).all()), (
+        f"{int((excess > float64_rounding).sum())} of {chosen.numel()} rows chose a farther "
+        f"code, by up to {float(excess.max())}"
+    )
+
+
+@pytest.mark.parametrize("offset", [50.0, 1e3])
+def test_nearest_codes_are_exact_far_from_the_origin(offset):
+    # Latents and codes around (offset, ..., offset): an uncentred float32 search of
+    # ||e||^2 - 2 z.e cancels ~offset^2 D away and swaps 20 (offset 50) and 3918 (1e3) of the
+    # 5000 choices.
+    generator = torch.Generator().manual_seed(0)
+    points = offset + torch.randn(5000, 64, generator=generator)
+    codebook = offset + torch.randn(256, 64, generator=generator)
+    chosen = nearest_codes(points, codebook)
+    assert_nearest_up_to_float64_ties(chosen, points, codebook)
+
+
+def test_nearest_codes_are_exact_near_ties_included():
+    # Codes 1e-3 apart, far from the origin: float32 scores cannot rank many rows, so most go
+    # through the float64 re-ranking, across chunk boundaries.
+    generator = torch.Generator().manual_seed(1)
+    codebook = 20.0 + 1e-3 * torch.randn(100, 8, generator=generator)
+    points = 20.0 + 1e-3 * torch.randn(3000, 8, generator=generator)
+    for chunk_size in (7, 4096):
+        assert_nearest_up_to_float64_ties(
+            nearest_codes(points, codebook, chunk_size), points, codebook
+        )
+
+
+def test_exact_ties_go_to_the_lowest_index_across_search_groups():
+    # Code 40 (in another group of SEARCH_GROUP columns than code 3) duplicates code 3, and
+    # codes 3 and 70 are mirror images about the points' hyperplane x_0 = 50: every point is
+    # exactly as far from 3, 40 and 70, and nearer to them than to any other code.
+    generator = torch.Generator().manual_seed(2)
+    codebook = 50.0 + 10.0 + torch.randn(100, 4, generator=generator)
+    codebook[3] = torch.tensor([49.0, 50.0, 50.0, 50.0])
+    codebook[40] = codebook[3]
+    codebook[70] = torch.tensor([51.0, 50.0, 50.0, 50.0])
+    points = torch.full((50, 4), 50.0)
+    points[:, 1:] += torch.linspace(-0.25, 0.25, 50).unsqueeze(1)
+    assert nearest_codes(points, codebook).tolist() == [3] * 50
+
+
+def test_the_float64_re_ranking_alone_gives_the_brute_force_answer(monkeypatch):
+    # With u = 1 every code is a candidate for every row: the answer comes from the re-ranking
+    # only, its candidate pairs split into many slices (chunk_size * K / (2 D) = 12 pairs each).
+    import vae.nn.quantizer as quantizer_module
+
+    monkeypatch.setattr(quantizer_module, "matmul_unit_roundoff", lambda dtype, device: 1.0)
+    generator = torch.Generator().manual_seed(3)
+    points = torch.randn(200, 6, generator=generator)
+    codebook = torch.randn(37, 6, generator=generator)
+    chosen = nearest_codes(points, codebook, chunk_size=4)
+    assert torch.equal(chosen, squared_distances_float64(points, codebook).argmin(1))
+
+
+def test_the_unit_roundoff_follows_the_float32_matmul_precision():
+    from vae.nn.quantizer import matmul_unit_roundoff
+
+    cpu = torch.device("cpu")
+    assert matmul_unit_roundoff(torch.float64, cpu) == 2.0**-53
+    assert matmul_unit_roundoff(torch.float32, cpu) == 2.0**-24
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert matmul_unit_roundoff(torch.float32, cpu) == 2.0**-8
+        assert matmul_unit_roundoff(torch.float64, cpu) == 2.0**-53
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert matmul_unit_roundoff(torch.float32, cpu) == 2.0**-24
+
+
+def test_nearest_codes_refuse_mixed_or_half_dtypes():
+    with pytest.raises(ValueError, match="float32 or both float64"):
+        nearest_codes(torch.zeros(3, 2), torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float32 or both float64"):
+        nearest_codes(torch.zeros(3, 2).bfloat16(), torch.zeros(4, 2).bfloat16())
+
+
 # --- losses and gradients ----------------------------------------------------------------------
 
 
