@@ -21,6 +21,7 @@ from vae.eval import (
     load_or_train_classifier,
     predict_probabilities,
 )
+from vae.eval.sample_scores import predicted_label_histogram, reverse_label_kl
 from vae.models import GaussianVAE
 
 OFF = (1, 4)
@@ -96,10 +97,41 @@ def test_label_kl_is_zero_for_matching_histograms_and_log10_for_one_class():
     assert float(label_kl(one_class, BALANCED)) == pytest.approx(math.log(10.0))
 
 
-def test_label_kl_detects_a_missing_mode():
+def test_forward_label_kl_charges_a_missing_mode_only_log_10_over_9():
     nine_classes = one_hot(torch.arange(9).repeat(10))  # class 9 never generated
     # KL(uniform over 9 || uniform over 10) = log(10 / 9)
     assert float(label_kl(nine_classes, BALANCED)) == pytest.approx(math.log(10 / 9))
+
+
+def test_reverse_label_kl_is_infinite_for_a_class_never_generated():
+    # Soft predictions that never make class 0 the argmax, 9 classes equally often: the mean
+    # of p(y|x) still gives class 0 mass, the histogram of predicted labels gives it none.
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(900, 10, generator=generator, dtype=torch.float64)
+    logits[torch.arange(900), torch.arange(1, 10).repeat(100)] += 20.0
+    probabilities = torch.softmax(logits, -1)
+    assert float(probabilities.mean(0)[0]) > 0.0
+    generated = predicted_label_histogram(probabilities)
+    assert float(generated[0]) == 0.0
+    torch.testing.assert_close(generated[1:], torch.full((9,), 1 / 9, dtype=torch.float64))
+
+    assert float(label_kl(probabilities, BALANCED)) == pytest.approx(math.log(10 / 9), abs=1e-6)
+    assert float(reverse_label_kl(probabilities, BALANCED)) == math.inf
+
+
+def test_reverse_label_kl_is_zero_for_matching_histograms_and_finite_for_rare_classes():
+    assert float(reverse_label_kl(one_hot(BALANCED), BALANCED)) == pytest.approx(0.0, abs=1e-12)
+    # Class 0 generated half as often as the data has it, the others a little more often.
+    rare = torch.cat([torch.zeros(5, dtype=torch.long), torch.arange(1, 10).repeat(21)])
+    h_gen = torch.bincount(rare, minlength=10).double() / rare.numel()
+    expected = float((0.1 * (0.1 / h_gen).log()).sum())
+    assert float(reverse_label_kl(one_hot(rare), BALANCED)) == pytest.approx(expected, rel=1e-12)
+    assert 0.0 < expected < math.inf
+
+
+def test_predicted_label_histogram_refuses_a_flat_vector():
+    with pytest.raises(ValueError, match="num_samples, num_classes"):
+        predicted_label_histogram(torch.full((10,), 0.1))
 
 
 def test_classifier_score_bounds_and_a_direct_formula():
@@ -112,6 +144,17 @@ def test_classifier_score_bounds_and_a_direct_formula():
     direct = math.exp(float((p * (p.log() - marginal.log())).sum(1).mean()))
     assert float(classifier_score(p)) == pytest.approx(direct, rel=1e-12)
     assert 1.0 < direct < 10.0
+
+
+def test_samples_can_score_above_the_real_images_score():
+    # Real images: balanced classes, each labelled with probability 0.7. Samples: balanced,
+    # each labelled with probability 0.99. The real images' score is no ceiling.
+    def confident(level):
+        rest = (1.0 - level) / 9
+        return torch.full((10, 10), rest, dtype=torch.float64).fill_diagonal_(level).repeat(5, 1)
+
+    real, samples = classifier_score(confident(0.7)), classifier_score(confident(0.99))
+    assert 1.0 < float(real) < float(samples) < 10.0
 
 
 def test_classifier_score_refuses_a_flat_vector():

@@ -1,20 +1,34 @@
 """Sample quality measured with KL divergences, through a small classifier of the dataset.
 
 A classifier p(y|x) is trained once per dataset (and settings) on the real training images and
-cached under ``paths.cache_dir``. On N generated samples x_1..x_N it gives:
+cached under ``paths.cache_dir``. On N generated samples x_1..x_N, with h_gen the histogram of
+the predicted labels argmax_y p(y|x_i) and h_data the label histogram of the real split, it
+gives:
 
-* ``label_kl`` = KL( h_gen || h_data ), where h_gen is the histogram of the classifier's
-  predicted labels argmax_y p(y|x_i) over the samples and h_data the label histogram of the
-  real split. 0 when the model generates every class as often as the data has it; a model that
-  drops a class (a missing mode) pays for the mass it moved elsewhere, up to log(1 / h_data(y))
-  when it generates one class only (log 10 = 2.30 nats for 10 balanced classes).
+* ``label_kl`` = KL( h_gen || h_data ): 0 when the histograms are equal. It weights each class
+  by how often the model generates it, so it sees over-generation (+inf for a generated class
+  that the split does not have). A class the model never generates costs only through the mass moved
+  to the others: dropping one of 10 balanced classes and generating the other 9 equally often
+  gives log(10/9) = 0.105 nats, and generating a single class y gives log(1 / h_data(y))
+  (log 10 = 2.30 nats for 10 balanced classes).
+* ``reverse_label_kl`` = KL( h_data || h_gen ): the direction that sees dropped modes. It is
+  +inf when some class of the split is never a predicted label among the samples, and large
+  when a class is generated much less often than the data has it. Even a generator that
+  matches the data misses a class of predicted-label frequency p among N samples with
+  probability (1 - p)^N (1.7e-46 for p = 0.1, N = 1000), so a small N can give +inf by chance.
 * ``classifier_score`` = exp( E_x KL( p(y|x) || p(y) ) ), p(y) = (1/N) sum_i p(y|x_i): the
-  Inception-Score analogue (Salimans et al. 2016). It is 1 when samples are all alike or all
-  ambiguous and at most the number of classes when each sample is confidently one class and
-  the classes are balanced. The same score of the real test images is its natural ceiling.
+  Inception-Score analogue (Salimans et al. 2016), exp of the mutual information between the
+  sample and its label, so it lies in [1, C] for C classes. It is 1 when every sample has the
+  same p(y|x) (all alike, or all equally ambiguous) and C exactly when every sample is
+  classified with certainty and the classes are balanced. The same score of the real test
+  images is a reference, not a ceiling: samples that the classifier labels more confidently
+  than it labels real images, in balanced classes, can score above them (up to C).
 
-Both KLs are in nats and come from :mod:`vae.losses`. FID needs Inception weights that are not
-shipped; :func:`fid_unavailable_reason` says whether they are on this machine.
+Both label KLs use counts of predicted labels, not the mean of p(y|x) over the samples: that
+mean is almost never exactly 0 for any class, so a reverse KL from it would stay finite when a
+class is never generated. All KLs are in nats and come from :func:`vae.losses.categorical_kl`,
+exact, with no epsilon. FID needs Inception weights that are not shipped;
+:func:`fid_unavailable_reason` says whether they are on this machine.
 """
 
 from __future__ import annotations
@@ -41,6 +55,8 @@ __all__ = [
     "label_kl",
     "load_or_train_classifier",
     "predict_probabilities",
+    "predicted_label_histogram",
+    "reverse_label_kl",
     "train_classifier",
 ]
 
@@ -198,16 +214,51 @@ def label_histogram(labels: Tensor, num_classes: int) -> Tensor:
     return counts / counts.sum()
 
 
+def predicted_label_histogram(sample_probabilities: Tensor) -> Tensor:
+    """h_gen: relative frequency of argmax_y p(y|x_i) over the samples, float64 (classes,).
+
+    Args:
+        sample_probabilities: p(y|x_i) of the generated samples, (N, classes), N >= 1.
+    """
+    if sample_probabilities.dim() != 2:
+        raise ValueError(
+            "sample_probabilities must have shape (num_samples, num_classes), got "
+            f"{tuple(sample_probabilities.shape)}."
+        )
+    return label_histogram(sample_probabilities.argmax(-1), sample_probabilities.shape[-1])
+
+
 def label_kl(sample_probabilities: Tensor, data_labels: Tensor) -> Tensor:
-    """KL(histogram of predicted sample labels || histogram of ``data_labels``), in nats.
+    """KL(h_gen || h_data) = sum_y h_gen(y) log(h_gen(y) / h_data(y)), in nats.
+
+    h_gen is the histogram of the samples' predicted labels (:func:`predicted_label_histogram`),
+    h_data that of ``data_labels``. It measures over-generation: +inf if a class absent from
+    ``data_labels`` is predicted for some sample, while a class never predicted adds no term
+    (dropping one of 10 balanced classes, the rest uniform, gives only log(10/9) = 0.105 nats);
+    :func:`reverse_label_kl` is the direction that sees that.
 
     Args:
         sample_probabilities: p(y|x_i) of the generated samples, (N, classes).
         data_labels: the real labels of the reference split, (M,).
     """
-    num_classes = sample_probabilities.shape[-1]
-    generated = label_histogram(sample_probabilities.argmax(-1), num_classes)
-    return categorical_kl(generated, label_histogram(data_labels, num_classes))
+    generated = predicted_label_histogram(sample_probabilities)
+    return categorical_kl(generated, label_histogram(data_labels, generated.numel()))
+
+
+def reverse_label_kl(sample_probabilities: Tensor, data_labels: Tensor) -> Tensor:
+    """KL(h_data || h_gen) = sum_y h_data(y) log(h_data(y) / h_gen(y)), in nats.
+
+    The same histograms as :func:`label_kl`, the other direction: it measures dropped modes.
+    +inf exactly when a class present in ``data_labels`` is never the predicted label of a
+    sample (no epsilon: :func:`vae.losses.categorical_kl` gives +inf where h_gen(y) = 0 <
+    h_data(y)); a class generated too rarely costs h_data(y) log(h_data(y) / h_gen(y)).
+
+    Args:
+        sample_probabilities: p(y|x_i) of the generated samples, (N, classes).
+        data_labels: the real labels of the reference split, (M,).
+    """
+    generated = predicted_label_histogram(sample_probabilities)
+    return categorical_kl(label_histogram(data_labels, generated.numel()), generated)
 
 
 def classifier_score(probabilities: Tensor) -> Tensor:
