@@ -129,6 +129,24 @@ def test_wrong_encoder_bound_tightens_with_k_towards_the_exact_nll():
     assert gaps[10] < 0.2 * elbo_gap and abs(gaps[5000]) < 0.01, gaps
 
 
+def test_one_estimate_can_fall_below_the_nll_only_its_expectation_cannot():
+    # The module docstring's claim, per example: E[L_k(x)] <= log p(x), but single draws of
+    # L_k(x) land on both sides of log p(x) once the bias (~ gap / k) is below the noise.
+    W, b = ppca()
+    enc_matrix, enc_offset, enc_logvar = exact_posterior(W, b, SIGMA)
+    model = LinearGaussianVAE(W, b, SIGMA, 0.8 * enc_matrix, enc_offset + 0.3, enc_logvar + 0.7)
+    x = data(W, b, 1)
+    exact = float(exact_nll(W, b, SIGMA, x))
+    repeats = x.expand(2000, -1)  # 2000 independent estimates of the same example
+    nll_iw = importance_weighted_nll(
+        model, repeats, 100, generator=torch.Generator().manual_seed(0)
+    )
+    below = int((nll_iw < exact).sum())
+    assert 0 < below < nll_iw.numel(), below  # single estimates fall below the NLL ...
+    standard_error = float(nll_iw.std()) / math.sqrt(nll_iw.numel())
+    assert float(nll_iw.mean()) > exact - 3.0 * standard_error  # ... their mean does not
+
+
 def test_chunking_bounds_the_decoder_batch_and_not_the_result():
     W, b = ppca()
     enc = exact_posterior(W, b, SIGMA)

@@ -1,22 +1,25 @@
-"""Importance-weighted log-likelihood bound of a Gaussian VAE (Burda, Grosse & Salakhutdinov 2016).
+"""Importance-weighted log-likelihood estimate of a Gaussian VAE (Burda, Grosse & Salakhutdinov
+2016), a lower bound on log p(x) in expectation.
 
 For one example x and k draws z_i ~ q(z|x), with log weights
 
-    log w_i = log p(x|z_i) + log p(z) - log q(z_i|x),
+    log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x),
 
-the bound is
+the estimate is
 
-    L_k(x) = log (1/k) sum_i w_i = logsumexp_i(log w_i) - log k   <=   log p(x),
+    L_k(x) = log (1/k) sum_i w_i = logsumexp_i(log w_i) - log k,
 
-so NLL_iw(k) = -L_k(x) is an upper bound on the true NLL that tightens as k grows
-(L_1 is the ELBO in expectation; E[L_k] is non-decreasing in k and tends to log p(x)).
-All numbers are nats per example.
+and E[L_k(x)] <= log p(x) (Jensen: E[(1/k) sum_i w_i] = p(x) and log is concave). One draw of
+L_k(x) can exceed log p(x); only its expectation cannot. So NLL_iw(k) = -L_k(x) is an
+estimate whose expectation upper-bounds the NLL, -log p(x). E[L_1] is the ELBO; E[L_k] is
+non-decreasing in k and tends to log p(x) as k grows when the weights are bounded (Burda et
+al. 2016, Theorem 1). All numbers are nats per example.
 
 The k samples of a whole batch go through the decoder together, ``chunk_size`` samples per
 example at a time, so the decoder sees (chunk_size * B) rows per call and the activations take
 chunk_size * B * (pixels) floats whatever k is (k = 5000 works on a laptop). Only the k log
 weights and reconstruction terms of each example are kept (2 * B * k floats: 2.5 MB for B = 64,
-k = 5000); one logsumexp in float64 over all k then gives the bound.
+k = 5000); one logsumexp in float64 over all k then gives L_k(x).
 
 The model needs only this protocol (``GaussianVAE`` provides it; any ``nn.Module`` can):
 
@@ -80,7 +83,8 @@ class ImportanceWeightedBounds(NamedTuple):
     """Per-example results of :func:`importance_weighted_bounds`, all in nats, shape (B,) or (B, D).
 
     Attributes:
-        nll_iw: -L_k(x), the importance-weighted NLL bound.
+        nll_iw: -L_k(x), an estimate whose expectation upper-bounds the NLL, -log p(x) (one
+            estimate can fall below it).
         recon: mean over the k samples of -log p(x|z_i): a k-sample estimate of the ELBO's
             reconstruction term.
         kl_per_dim: closed-form KL(q(z_d|x) || N(0, 1)) per latent dimension, (B, D).
@@ -97,7 +101,7 @@ class ImportanceWeightedBounds(NamedTuple):
 
     @property
     def elbo(self) -> Tensor:
-        """-(recon + kl): the ELBO with the exact KL and a k-sample reconstruction term."""
+        """-(recon + kl): a k-sample estimate of the ELBO (exact KL, Monte Carlo reconstruction)."""
         return -(self.recon + self.kl)
 
 
