@@ -176,10 +176,10 @@ def nearest_codes(points: Tensor, codebook: Tensor, chunk_size: int = DEFAULT_CH
     in float64, ties to the lowest k. The result agrees with a float64 brute force wherever the
     two nearest squared distances differ by more than float64 rounding.
 
-    Near-ties are rare when the codes are spread out: 34 of 65,536 rows for N(0, I) latents
-    and codes (K = 1024, D = 64), 16 for N(0, I) latents and codes U(-1/K, 1/K) as
-    ``VectorQuantizer`` initialises them. So the re-ranking costs little, and its scratch
-    memory stays O(chunk_size * K) however many rows it takes.
+    Near-ties are rare: of one draw of 65,536 N(0, I) latents (K = 1024, D = 64), 34 rows with
+    N(0, I) codes and 16 with codes U(-1/K, 1/K) as ``VectorQuantizer`` initialises them. So
+    the re-ranking costs little, and its scratch memory stays O(chunk_size * K) however many
+    rows it takes.
 
     Args:
         points: (N, D), float32 or float64.
