@@ -38,6 +38,7 @@ DEFAULT_METRICS = (
     "test/nll_iw",
     "test/elbo",
     "test/label_kl",
+    "test/label_kl_reverse",
     "test/classifier_score",
 )
 DEFAULT_CURVES = ("train/loss", "val/elbo", "val/kl", "val/recon")
@@ -182,9 +183,15 @@ def differing_keys(runs: Sequence[Run]) -> list[str]:
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
-    """``model.beta`` -> ``beta`` where the last component is unique among ``keys``."""
+    """``model.beta`` -> ``beta`` where the last component is unique among ``keys``.
+
+    ``model._target_`` stays whole: matplotlib hides legend labels that start with ``_``.
+    """
     last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+    return {
+        k: (s if last.count(s) == 1 and not s.startswith("_") else k)
+        for k, s in zip(keys, last, strict=True)
+    }
 
 
 def name_runs(runs: Sequence[Run], keys: Sequence[str]) -> None:

@@ -136,3 +136,8 @@ def test_differing_keys_and_short_names(tmp_path):
         "data.batch_size": "data.batch_size",
         "model.batch_size": "model.batch_size",
     }
+    # matplotlib leaves a label that starts with "_" out of the legend, so that one stays whole.
+    assert short_names(["model._target_", "model.beta"]) == {
+        "model._target_": "model._target_",
+        "model.beta": "beta",
+    }

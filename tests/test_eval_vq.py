@@ -33,6 +33,9 @@ class FixedCodes(nn.Module):
     def reconstruction_nll(self, params, x):
         return (x - 0.5).square().flatten(1).sum(1)
 
+    def bits_per_dim(self, nll):  # a probability of 4 pixels (LatentVariableModule.bits_per_dim)
+        return nll / (4 * math.log(2))
+
 
 def test_perplexity_is_over_the_whole_split_not_a_mean_over_batches():
     # Batch 1 uses only code 0, batch 2 only code 3: each batch alone has perplexity 1.
@@ -54,7 +57,9 @@ def test_perplexity_is_over_the_whole_split_not_a_mean_over_batches():
 @pytest.fixture(scope="module")
 def vqvae():
     torch.manual_seed(0)
-    return VQVAE(image_shape=(1, 8, 8), hidden_dims=[16, 16], code_dim=8, num_codes=16).eval()
+    return VQVAE(
+        image_shape=(1, 8, 8), hidden_dims=[16, 16], code_dim=8, num_codes=16, data_levels=2
+    ).eval()
 
 
 def test_real_vqvae_matches_its_own_validation_histogram(vqvae):
@@ -82,6 +87,7 @@ def test_prior_bits_per_dim_come_from_the_prior_nll(vqvae):
             dim=16,
             depth=1,
             heads=2,
+            data_levels=2,
         ).eval()
     images = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(2)).round()
     metrics = vqvae_prior_metrics(model, images.split(8))

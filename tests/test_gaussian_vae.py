@@ -29,7 +29,9 @@ def _hand_loss(model: GaussianVAE, x: torch.Tensor, eps: torch.Tensor, beta: flo
 
 def test_loss_equals_hand_computation():
     torch.manual_seed(0)
-    model = GaussianVAE(image_shape=(1, 4, 4), hidden_dims=[8], latent_dim=3, beta=2.5)
+    model = GaussianVAE(
+        image_shape=(1, 4, 4), hidden_dims=[8], latent_dim=3, beta=2.5, data_levels=2
+    )
     x = torch.bernoulli(torch.full((5, 1, 4, 4), 0.4))
     torch.manual_seed(1)
     loss, terms = model.compute_terms(x, step=0)

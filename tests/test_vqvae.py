@@ -24,7 +24,14 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 def small_vqvae(**kwargs) -> VQVAE:
     torch.manual_seed(0)
-    arguments = {"hidden_dims": [8, 16], "code_dim": 4, "num_codes": 16, "res_hidden": 8, **kwargs}
+    arguments = {
+        "hidden_dims": [8, 16],
+        "code_dim": 4,
+        "num_codes": 16,
+        "res_hidden": 8,
+        "data_levels": 2,  # binary images: the Bernoulli NLL is a probability, with bits/dim
+        **kwargs,
+    }
     return VQVAE(IMAGE, **arguments)
 
 

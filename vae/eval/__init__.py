@@ -27,6 +27,8 @@ from vae.eval.sample_scores import (
     label_kl,
     load_or_train_classifier,
     predict_probabilities,
+    predicted_label_histogram,
+    reverse_label_kl,
     train_classifier,
 )
 
@@ -48,6 +50,8 @@ __all__ = [
     "label_kl",
     "load_or_train_classifier",
     "predict_probabilities",
+    "predicted_label_histogram",
+    "reverse_label_kl",
     "standard_normal_log_density",
     "train_classifier",
 ]

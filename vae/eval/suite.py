@@ -21,7 +21,12 @@ from torch import Tensor
 from vae import tags
 from vae.eval.active_units import PosteriorMeanStatistics, count_active_units
 from vae.eval.nll import importance_weighted_bounds
-from vae.eval.sample_scores import classifier_score, label_kl, predict_probabilities
+from vae.eval.sample_scores import (
+    classifier_score,
+    label_kl,
+    predict_probabilities,
+    reverse_label_kl,
+)
 from vae.losses import codebook_usage, perplexity
 
 __all__ = [
@@ -69,7 +74,8 @@ def gaussian_vae_metrics(
 ) -> dict[str, Any]:
     """Test metrics of a Gaussian VAE over ``batches`` (the split), averaged per example.
 
-    * ``test/nll_iw``: -L_k, the importance-weighted bound with k samples (Burda et al. 2016);
+    * ``test/nll_iw``: -L_k with k samples (Burda et al. 2016), an estimate whose expectation
+      upper-bounds the NLL;
     * ``test/elbo``: -(recon + kl) with the exact KL and a k-sample reconstruction term;
     * ``test/recon``, ``test/kl`` and ``test/kl_per_dim`` (a list, nats per dimension);
     * ``test/bits_per_dim``: ``test/nll_iw`` / (pixels * ln 2), plus log2 L for a density on
@@ -113,18 +119,23 @@ def sample_score_metrics(
 ) -> dict[str, float]:
     """Label KL and classifier score of ``samples``, with the classifier's figures on real data.
 
-    * ``test/label_kl``: KL(predicted-label histogram of the samples || label histogram of
-      ``real_labels``), nats;
-    * ``test/classifier_score``: exp(E_x KL(p(y|x) || p(y))) of the samples;
-    * ``test/classifier_score_real``: the same score of ``real_images``, the reference value;
+    * ``test/label_kl``: KL(h_gen || h_data), h_gen the histogram of the samples' predicted
+      labels, h_data that of ``real_labels``, nats: sees over-generated classes;
+    * ``test/label_kl_reverse``: KL(h_data || h_gen), nats: +inf when a class of
+      ``real_labels`` is never predicted for a sample (a dropped mode);
+    * ``test/classifier_score``: exp(E_x KL(p(y|x) || p(y))) of the samples, in [1, classes];
+    * ``test/classifier_score_real``: the same score of ``real_images``, a reference, not a
+      ceiling (samples can score above it);
     * ``test/classifier_accuracy``: the classifier's accuracy on ``real_images``, so a weak
       classifier is visible next to the scores it gives.
     """
     sample_probabilities = predict_probabilities(classifier, samples)
     real_probabilities = predict_probabilities(classifier, real_images)
+    labels = real_labels.to(samples.device)
     accuracy = (real_probabilities.argmax(-1).cpu() == real_labels.cpu()).double().mean()
     return {
-        tags.TEST_LABEL_KL: float(label_kl(sample_probabilities, real_labels.to(samples.device))),
+        tags.TEST_LABEL_KL: float(label_kl(sample_probabilities, labels)),
+        tags.TEST_LABEL_KL_REVERSE: float(reverse_label_kl(sample_probabilities, labels)),
         tags.TEST_CLASSIFIER_SCORE: float(classifier_score(sample_probabilities)),
         tags.TEST_CLASSIFIER_SCORE_REAL: float(classifier_score(real_probabilities)),
         tags.TEST_CLASSIFIER_ACCURACY: float(accuracy),
