@@ -21,7 +21,7 @@ on CPU), on the same CPU threads:
   around the same ``compute_terms`` (automatic optimisation), the same DataLoader, and a
   Trainer with no logger, checkpoints, progress bar or callbacks but the throughput clock.
 
-All run in one process, after the same ``vae.runtime.skip_failing_nvml_probe()`` that
+All run in one process, after the same ``vae.training.runtime.skip_failing_nvml_probe()`` that
 ``train`` applies, so none pays for another's environment.
 
 Timing on a shared 2-core VM drifts by 10-20% within a minute, so the comparison is built from
@@ -59,11 +59,11 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from experiments.train import CONFIG_DIR, train  # noqa: E402
-from vae.callbacks import TrainThroughput  # noqa: E402
+from vae.training.callbacks import TrainThroughput  # noqa: E402
 from vae.data import FashionMNISTDataModule  # noqa: E402
 from vae.data.binarize import sample_binary  # noqa: E402
 from vae.models import GaussianVAE  # noqa: E402
-from vae.runtime import skip_failing_nvml_probe  # noqa: E402
+from vae.training.runtime import skip_failing_nvml_probe  # noqa: E402
 
 BATCH_SIZE = 128
 

@@ -109,7 +109,7 @@ def read_config(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """(flattened config as saved, the overrides) of a run; empty where the files are missing."""
     from omegaconf import OmegaConf
 
-    from vae.tensorboard import flatten_config
+    from vae.training.tensorboard import flatten_config
 
     config: dict[str, Any] = {}
     overrides: list[str] = []

@@ -5,7 +5,7 @@
 
 The model and the data are rebuilt from the run's own ``.hydra/config.yaml`` (the run directory
 is the parent of ``checkpoints/``), the weights come from the checkpoint, and the ``test/*``
-scalars (tags in ``vae.tags``) are added to the run's TensorBoard at the checkpoint's
+scalars (tags in ``vae.training.tags``) are added to the run's TensorBoard at the checkpoint's
 ``global_step`` and merged into its ``metrics.json``. A missing or unreadable checkpoint or run
 config ends with one error line and exit code 2, before anything is written.
 
@@ -35,7 +35,7 @@ class EvaluationError(ValueError):
 # --- settings -------------------------------------------------------------------------------
 def check_eval_settings(settings: DictConfig) -> None:
     """Raise ``EvaluationError`` naming every invalid ``eval.*`` value."""
-    from vae.config import non_negative_int, optional, positive_int
+    from vae.training.config import non_negative_int, optional, positive_int
 
     rules = (
         ("k", positive_int, "a positive integer, e.g. eval.k=5000"),
@@ -116,7 +116,7 @@ def build_model_and_data(run_cfg: DictConfig, checkpoint: dict, ckpt: Path, data
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from vae.checkpoints import CheckpointError, check_compatible
+    from vae.training.checkpoints import CheckpointError, check_compatible
     from vae.data import DatasetNotFoundError
 
     if data_root is not None:
@@ -195,7 +195,7 @@ def sample_metrics(model, run_cfg: DictConfig, settings: DictConfig, limit: int 
     metrics = sample_score_metrics(samples, classifier, real_images, real_labels)
     reason = fid_unavailable_reason()
     if reason is None:
-        from vae import tags
+        from vae.training import tags
 
         metrics[tags.TEST_FID] = frechet_inception_distance(samples, real_images)
         notes.append(
@@ -212,8 +212,8 @@ def write_back(run_dir: Path, metrics: dict[str, Any], step: int) -> None:
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from vae import tags
-    from vae.runs import write_metrics
+    from vae.training import tags
+    from vae.training.runs import write_metrics
 
     writer = SummaryWriter(log_dir=str(run_dir))
     try:
@@ -235,7 +235,7 @@ def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     ckpt, run_dir = locate_run(cfg.get("ckpt_path"))
     run_cfg = load_run_config(run_dir)
 
-    from vae.checkpoints import CheckpointError, read_checkpoint
+    from vae.training.checkpoints import CheckpointError, read_checkpoint
     from vae.eval.suite import evaluate_split
 
     try:

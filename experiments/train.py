@@ -133,17 +133,17 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
-    from vae import tags
-    from vae.checkpoints import (
+    from vae.training import tags
+    from vae.training.checkpoints import (
         AtomicCheckpointIO,
         check_compatible,
         read_checkpoint,
         remove_stale_temporaries,
     )
-    from vae.config import apply_aliases, validate_config
-    from vae.runs import write_metrics
-    from vae.runtime import skip_failing_nvml_probe
-    from vae.tensorboard import flatten_config, log_hparams
+    from vae.training.config import apply_aliases, validate_config
+    from vae.training.runs import write_metrics
+    from vae.training.runtime import skip_failing_nvml_probe
+    from vae.training.tensorboard import flatten_config, log_hparams
 
     skip_failing_nvml_probe()  # Lightning's import set a CUDA check that costs every step
 
@@ -232,9 +232,9 @@ def _evaluate_test_split(model, datamodule, settings: DictConfig, trainer) -> di
     loggers at the final step. Every process computes them; rank 0 writes."""
     import torch
 
-    from vae import tags
+    from vae.training import tags
     from vae.eval.suite import evaluate_split
-    from vae.tensorboard import log_histogram
+    from vae.training.tensorboard import log_histogram
 
     model.eval()
     images = datamodule.test_split.images[: settings.limit]
@@ -265,7 +265,7 @@ def _steps_per_call(cfg: DictConfig, trainer, ckpt_path, ckpt_steps_per_call: in
     """``train_loop.steps_per_call``, or 1 where the trainer needs one step per batch; a resumed
     run must keep the checkpoint's kind of loop (Lightning counts global_step separately for
     automatic and manual optimisation)."""
-    from vae.config import ConfigError
+    from vae.training.config import ConfigError
     from vae.models.base import batch_counting_settings
 
     requested = int(OmegaConf.select(cfg, "train_loop.steps_per_call", default=1) or 1)
@@ -295,7 +295,7 @@ def _config_errors():
     ``model.hidden_dims``) becomes a ConfigError: a one-line message, not a traceback."""
     from hydra.errors import InstantiationException
 
-    from vae.config import ConfigError
+    from vae.training.config import ConfigError
 
     try:
         yield
@@ -353,8 +353,8 @@ _register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from vae.checkpoints import CheckpointError
-    from vae.config import ConfigError
+    from vae.training.checkpoints import CheckpointError
+    from vae.training.config import ConfigError
     from vae.data import DatasetNotFoundError
     from vae.models import NonFiniteLossError
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vae import runs, tags
-from vae.runs import METRICS_FILE
+from vae.training import runs, tags
+from vae.training.runs import METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,7 +60,7 @@ def scalar_series(events: EventAccumulator, tag: str) -> list[tuple[int, float]]
 
 
 def read_metrics(run_dir: Path) -> dict:
-    """The run's ``metrics.json`` (``vae.runs.read_metrics``), which must exist."""
+    """The run's ``metrics.json`` (``vae.training.runs.read_metrics``), which must exist."""
     assert (run_dir / METRICS_FILE).is_file(), f"no {METRICS_FILE} in {run_dir}"
     return runs.read_metrics(run_dir)
 

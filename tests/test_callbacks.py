@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from vae.callbacks import TrainThroughput
+from vae.training.callbacks import TrainThroughput
 
 TRAIN_SLEEP = 0.02  # seconds per training batch
 VAL_SLEEP = 0.25  # seconds per validation epoch

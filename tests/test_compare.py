@@ -19,7 +19,7 @@ from experiments.compare import (
     short_names,
 )
 from tests.cli import run_cli
-from vae import tags
+from vae.training import tags
 
 pytestmark = pytest.mark.slow
 

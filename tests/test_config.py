@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.train import CONFIG_DIR
-from vae.config import ConfigError, apply_aliases, validate_config
+from vae.training.config import ConfigError, apply_aliases, validate_config
 
 
 def composed(*overrides: str):

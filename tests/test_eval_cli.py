@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from experiments.evaluate import EvaluationError, evaluate
 from experiments.train import CONFIG_DIR
 from tests.cli import last_line, load_events, run_cli, scalar_series
-from vae import tags
+from vae.training import tags
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from vae import tags
+from vae.training import tags
 from vae.eval.suite import vqvae_metrics, vqvae_prior_metrics
 from vae.losses import perplexity
 from vae.models import VQVAE, VQVAEPrior

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from experiments.train import CONFIG_DIR
 from tests.cli import last_line, run_cli
 from tests.test_data_mnist import NUM_TRAIN, fake_arrays, write_dataset
-from vae.checkpoints import read_checkpoint
+from vae.training.checkpoints import read_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from experiments.train import CONFIG_DIR
 from tests.cli import QUICK, run_cli
-from vae.config import validate_config
+from vae.training.config import validate_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT = README.read_text()

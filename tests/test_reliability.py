@@ -28,8 +28,8 @@ from tests.cli import (
     scalar_series,
     without_timings,
 )
-from vae import tags
-from vae.checkpoints import AtomicCheckpointIO, read_checkpoint, remove_stale_temporaries
+from vae.training import tags
+from vae.training.checkpoints import AtomicCheckpointIO, read_checkpoint, remove_stale_temporaries
 
 pytestmark = pytest.mark.slow
 

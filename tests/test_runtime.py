@@ -7,7 +7,7 @@ import ctypes
 import pytest
 import torch
 
-from vae import runtime
+from vae.training import runtime
 
 
 def _missing(name):

@@ -25,9 +25,9 @@ from tests.cli import (
     without_timings,
 )
 from tests.test_data_batches import NUM_EXAMPLES, make
-from vae import tags
-from vae.callbacks import LastCheckpoint, TrainThroughput, examples_in
-from vae.checkpoints import read_checkpoint
+from vae.training import tags
+from vae.training.callbacks import LastCheckpoint, TrainThroughput, examples_in
+from vae.training.checkpoints import read_checkpoint
 from vae.data import DigitsDataModule
 from vae.models import GaussianVAE
 from vae.models.base import batch_counting_settings

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.cli import QUICK, last_line, load_events, read_metrics, run_cli
-from vae import tags
-from vae.runs import METRICS_FILE
+from vae.training import tags
+from vae.training.runs import METRICS_FILE
 
 pytestmark = pytest.mark.slow
 

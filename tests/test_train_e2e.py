@@ -11,7 +11,7 @@ import torch
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.cli import QUICK, last_line, load_events, run_cli, scalar_series
-from vae import tags
+from vae.training import tags
 from vae.models import GaussianVAE
 
 pytestmark = pytest.mark.slow

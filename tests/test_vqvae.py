@@ -9,9 +9,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from vae import tags
-from vae.checkpoints import CheckpointError
-from vae.config import ConfigError, validate_config
+from vae.training import tags
+from vae.training.checkpoints import CheckpointError
+from vae.training.config import ConfigError, validate_config
 from vae.losses import perplexity
 from vae.models import VQVAE, GaussianVAE, VQVAEPrior
 from vae.models.vqvae import code_histogram_image

@@ -10,7 +10,7 @@ import pytest
 
 from tests.cli import QUICK as CLI_QUICK
 from tests.cli import last_line, load_events, run_cli, scalar_series
-from vae import tags
+from vae.training import tags
 
 pytestmark = pytest.mark.slow
 

@@ -100,7 +100,7 @@ class InMemoryDataModule(L.LightningDataModule):
         self.val_split: ImageSplit | None = None
         self.test_split: ImageSplit | None = None
         # Collects the init arguments of the subclass too, for the checkpoint. Not sent to the
-        # logger: the run logs its whole flattened config once (vae.tensorboard.log_hparams),
+        # logger: the run logs its whole flattened config once (vae.training.tensorboard.log_hparams),
         # and a second hparams record would compete for the HParams tab.
         self.save_hyperparameters(logger=False)
 

@@ -1,4 +1,4 @@
-"""The test-split numbers of one model, as a ``{tag: value}`` dict (tags from :mod:`vae.tags`).
+"""The test-split numbers of one model, as a ``{tag: value}`` dict (tags from :mod:`vae.training.tags`).
 
 Plain functions over in-memory batches: ``vae-eval`` calls them, and so can a notebook.
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vae import tags
+from vae.training import tags
 from vae.eval.active_units import PosteriorMeanStatistics, count_active_units
 from vae.eval.nll import importance_weighted_bounds
 from vae.eval.sample_scores import (

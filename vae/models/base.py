@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import torch
 
-from vae import tags
+from vae.training import tags
 from vae.losses import (
     CONTINUOUS_LIKELIHOODS,
     bits_per_dim,
     get_likelihood,
     uniform_dequantize,
 )
-from vae.tensorboard import log_histogram, log_image_grid
+from vae.training.tensorboard import log_histogram, log_image_grid
 
 
 class NonFiniteLossError(FloatingPointError):

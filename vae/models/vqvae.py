@@ -22,11 +22,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from vae import tags
+from vae.training import tags
 from vae.losses import codebook_usage, perplexity, uniform_prior_rate
 from vae.models.base import LatentVariableModule
 from vae.nn import VectorQuantizer, VQDecoder, VQEncoder
-from vae.tensorboard import log_image_grid
+from vae.training.tensorboard import log_image_grid
 
 HISTOGRAM_HEIGHT = 64  # pixels of the tallest bar in val/code_histogram
 

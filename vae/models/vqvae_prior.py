@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from vae.checkpoints import CheckpointError, read_checkpoint
+from vae.training.checkpoints import CheckpointError, read_checkpoint
 from vae.models.base import LatentVariableModule
 from vae.models.vqvae import VQVAE
 from vae.nn.prior import CodePrior

@@ -127,7 +127,7 @@ class LastCheckpoint(pl.Callback):
     Lightning's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only when it also
     saved a top-k checkpoint at that step, so once ``val/elbo`` stops improving its
     ``last.ckpt`` falls behind the run. Writes go through the trainer (rank 0, the atomic
-    checkpoint IO of ``vae.checkpoints``).
+    checkpoint IO of ``vae.training.checkpoints``).
     """
 
     FILENAME = "last.ckpt"
