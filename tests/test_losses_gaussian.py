@@ -1,12 +1,15 @@
 """Gaussian KL (diagonal and full covariance) and the Monte-Carlo KL, against oracles."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from vae.losses import full_gaussian_kl, gaussian_kl, mc_kl
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _normal_oracle(mu, logvar, prior_mu, prior_logvar):
@@ -55,6 +58,53 @@ def test_gaussian_kl_is_exactly_zero_at_the_prior():
     assert torch.equal(gaussian_kl(mu, lv, prior_mu=mu, prior_logvar=lv), torch.zeros(101))
 
 
+def _exact_variance_term(d: float) -> float:
+    """e^d - 1 - d with no rounding until the end (exact rational Taylor sum for |d| <= 1)."""
+    if abs(d) > 1:
+        return math.expm1(d) - d  # no cancellation out here: relative error ~1e-16
+    q, term, total = Fraction(d), Fraction(d), Fraction(0)
+    for k in range(2, 40):
+        term = term * q / k
+        total += term
+    return float(total)
+
+
+LOG_RATIOS = [
+    sign * m
+    for m in (1e-30, 1e-8, 3e-6, 1e-4, 0.01, 0.2, 0.4999, 0.5, 0.5001, 0.7, 1.0, 3.0, 10.0, 30.0)
+    for sign in (1, -1)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussian_kl_against_exact_arithmetic(dtype, device):
+    # expm1(d) - d rounds only in the final subtraction: error ~eps * |d|. The textbook
+    # exp(d) - 1 - d has error ~eps whatever d is, which near the prior is the whole answer.
+    d = torch.tensor(LOG_RATIOS, dtype=dtype, device=device)
+    exact = [_exact_variance_term(v) for v in d.double().tolist()]
+    exact = 0.5 * torch.tensor(exact, dtype=torch.float64)
+    ours = gaussian_kl(torch.zeros_like(d), d).double().cpu()
+    eps = torch.finfo(dtype).eps
+    d = d.double().cpu()
+    assert ((ours - exact).abs() <= 16 * eps * exact + eps * d.abs()).all(), ours - exact
+    naive = 0.5 * (torch.exp(d.to(dtype)) - 1 - d.to(dtype)).double()
+    assert ((naive - exact).abs() > 10 * eps * d.abs()).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_gaussian_kl_is_nonnegative_in_every_dtype(dtype, device):
+    g = torch.Generator().manual_seed(0)
+    magnitude = torch.exp(torch.empty(200_000, dtype=torch.float64).uniform_(-60, 3.4, generator=g))
+    sign = torch.randint(0, 2, (200_000,), generator=g) * 2 - 1
+    d = torch.cat([(magnitude * sign).to(dtype), torch.zeros(3, dtype=dtype)]).to(device)
+    kl = gaussian_kl(torch.zeros_like(d), d)
+    assert kl.dtype == dtype
+    assert (kl >= 0).all()
+    assert torch.equal(kl[-3:], torch.zeros(3, dtype=dtype, device=device))
+
+
 def test_gaussian_kl_is_nonnegative_in_float32_near_the_prior():
     # The naive exp(d) - 1 - d cancels catastrophically here and can come out negative.
     d = torch.cat([torch.linspace(-1e-2, 1e-2, 200_001), torch.logspace(-40, 1, 10_000)])
@@ -65,17 +115,9 @@ def test_gaussian_kl_is_nonnegative_in_float32_near_the_prior():
     assert (naive < 0).any(), "the naive form should show the problem this guards against"
 
 
-def test_gaussian_kl_error_near_the_prior_is_bounded_by_eps_times_logvar():
-    # expm1(d) - d has absolute error ~ eps * |d| (only the final subtraction rounds), whereas
-    # the textbook exp(d) - 1 - d has error ~ eps whatever d is: near the prior that is the
-    # whole answer.
-    lv = torch.tensor([1e-6, -1e-5, 3e-4, -2e-3, 0.1], dtype=torch.float64)
-    exact = 0.5 * (torch.expm1(lv) - lv)
-    eps = torch.finfo(torch.float32).eps
-    ours_error = (gaussian_kl(torch.zeros(5), lv.float()).double() - exact).abs()
-    assert (ours_error <= 2 * eps * lv.abs()).all(), ours_error
-    naive = 0.5 * (torch.exp(lv.float()) - 1 - lv.float()).double()
-    assert ((naive - exact).abs() > 10 * eps * lv.abs()).any()
+def test_gaussian_kl_overflow_is_inf_not_nan():
+    kl = gaussian_kl(torch.zeros(2), torch.tensor([100.0, -1e4]))
+    assert kl[0] == math.inf and kl[1] == pytest.approx(0.5 * (1e4 - 1))
 
 
 def test_gaussian_kl_finite_with_finite_gradients_over_logvar_range():
@@ -90,12 +132,75 @@ def test_gaussian_kl_finite_with_finite_gradients_over_logvar_range():
     torch.testing.assert_close(logvar.grad, 0.5 * torch.expm1(logvar.detach()))
 
 
+def test_gaussian_kl_analytic_gradients_general_prior():
+    g = torch.Generator().manual_seed(7)
+    mu, logvar, prior_mu, prior_logvar = (
+        torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)
+    )
+    grad_mu, grad_logvar = torch.autograd.grad(
+        gaussian_kl(mu, logvar, prior_mu, prior_logvar).sum(), (mu, logvar)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(grad_mu, (mu - prior_mu) * torch.exp(-prior_logvar))
+        torch.testing.assert_close(grad_logvar, 0.5 * torch.expm1(logvar - prior_logvar))
+
+
+def test_gaussian_kl_gradcheck_and_gradgradcheck():
+    # Includes logvar = 0 (the prior), where the second derivative must be 1, not 0.
+    g = torch.Generator().manual_seed(2)
+    mu = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    logvar = torch.tensor([-3.0, -0.2, 1e-3, 0.0, 0.4, 2.0], dtype=torch.float64)
+    logvar.requires_grad_()
+    assert torch.autograd.gradcheck(gaussian_kl, (mu, logvar))
+    assert torch.autograd.gradgradcheck(gaussian_kl, (mu, logvar))
+    at_prior = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(
+        gaussian_kl(torch.zeros_like(at_prior), at_prior).sum(), at_prior, create_graph=True
+    )
+    (second_derivative,) = torch.autograd.grad(gradient.sum(), at_prior)
+    assert gradient.item() == 0 and second_derivative.item() == 0.5
+
+
 def test_gaussian_kl_gradcheck_general_prior():
     g = torch.Generator().manual_seed(2)
     args = [
         torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)
     ]
     assert torch.autograd.gradcheck(gaussian_kl, args)
+    assert torch.autograd.gradgradcheck(gaussian_kl, args)
+
+
+def test_gaussian_kl_standard_prior_equals_explicit_zero_prior():
+    # prior None skips the prior's operations; the values and gradients must not change.
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(4, 1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    logvar = (torch.randn(5, 3, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    default = gaussian_kl(mu, logvar)
+    explicit = gaussian_kl(mu, logvar, prior_mu=0.0, prior_logvar=0.0)
+    assert default.shape == (4, 5, 3)
+    torch.testing.assert_close(default, explicit, rtol=1e-14, atol=1e-14)
+    weights = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
+    for a, b in zip(
+        torch.autograd.grad((default * weights).sum(), (mu, logvar)),
+        torch.autograd.grad((explicit * weights).sum(), (mu, logvar)),
+        strict=True,
+    ):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
+def test_gaussian_kl_works_under_vmap_and_per_example_grad():
+    g = torch.Generator().manual_seed(2)
+    mu, logvar = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+
+    def kl(m, v):
+        return gaussian_kl(m, v, validate=False)
+
+    torch.testing.assert_close(torch.func.vmap(kl)(mu, logvar), kl(mu, logvar))
+    per_example = torch.func.vmap(torch.func.grad(lambda m, v: kl(m, v).sum(), argnums=(0, 1)))
+    grad_mu, grad_logvar = per_example(mu, logvar)
+    torch.testing.assert_close(grad_mu, mu)
+    torch.testing.assert_close(grad_logvar, 0.5 * torch.expm1(logvar))
 
 
 def test_gaussian_kl_additive_over_independent_dims_equals_multivariate_diagonal():
