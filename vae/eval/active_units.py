@@ -83,16 +83,25 @@ def count_active_units(variance: Tensor, threshold: float = ACTIVE_UNIT_THRESHOL
 def active_units(
     model, batches: Iterable[Tensor], threshold: float = ACTIVE_UNIT_THRESHOLD
 ) -> tuple[int, Tensor]:
-    """(number of active units, Var_x(E_q[z_d]) per unit) of ``model`` over ``batches``.
+    """(number of active units, Var_x(E_q[z_d]) per unit, float64) of ``model`` over ``batches``.
+
+    Statistics of this process's batches only, even under DDP: no collective is entered, so
+    one process may call it alone. Raises ``ValueError`` when ``batches`` is empty.
 
     Args:
         model: anything with ``encode(x) -> (mu, logvar)``.
         batches: iterable of image batches (B, ...) on the model's device.
         threshold: Burda et al.'s 0.01 by default.
     """
-    statistics = PosteriorMeanStatistics()
+    # Imported here: epoch_statistics takes its threshold and count from this module.
+    from vae.eval.epoch_statistics import ActiveUnits
+
+    statistics = None
     for x in batches:
         mu, _ = model.encode(x)
+        if statistics is None:  # the latent size is known from the first batch
+            statistics = ActiveUnits(mu.shape[-1], threshold, sync_on_compute=False).to(mu.device)
         statistics.update(mu)
-    variance = statistics.variance
-    return count_active_units(variance, threshold), variance
+    if statistics is None:
+        raise ValueError("batches is empty: there are no posterior means to take a variance of.")
+    return int(statistics.compute()), statistics.variance()
