@@ -59,10 +59,10 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from experiments.train import CONFIG_DIR, train  # noqa: E402
-from vae.training.callbacks import TrainThroughput  # noqa: E402
 from vae.data import FashionMNISTDataModule  # noqa: E402
 from vae.data.binarize import sample_binary  # noqa: E402
 from vae.models import GaussianVAE  # noqa: E402
+from vae.training.callbacks import TrainThroughput  # noqa: E402
 from vae.training.runtime import skip_failing_nvml_probe  # noqa: E402
 
 BATCH_SIZE = 128

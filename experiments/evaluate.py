@@ -116,17 +116,18 @@ def build_model_and_data(run_cfg: DictConfig, checkpoint: dict, ckpt: Path, data
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from vae.training.checkpoints import CheckpointError, check_compatible
     from vae.data import DatasetNotFoundError
+    from vae.training.checkpoints import CheckpointError, check_compatible
 
     if data_root is not None:
         run_cfg.data.root = data_root
     try:
         datamodule = instantiate(run_cfg.data, _convert_="all")
         model = instantiate(
-            run_cfg.model,
+            OmegaConf.to_container(run_cfg.model, resolve=True),
             image_shape=datamodule.image_shape,
             data_levels=datamodule.num_levels,
+            _recursive_=False,
             _convert_="all",
         )
         check_compatible(checkpoint, model, path=str(ckpt))
@@ -235,8 +236,8 @@ def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     ckpt, run_dir = locate_run(cfg.get("ckpt_path"))
     run_cfg = load_run_config(run_dir)
 
-    from vae.training.checkpoints import CheckpointError, read_checkpoint
     from vae.eval.suite import evaluate_split
+    from vae.training.checkpoints import CheckpointError, read_checkpoint
 
     try:
         checkpoint = read_checkpoint(ckpt)

@@ -70,17 +70,23 @@ def without_timings(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMINGS}
 
 
+def run_with_nan(cwd: Path, term: str, step: int, *args: str) -> subprocess.CompletedProcess:
+    """``vae-train`` with a NaN injected into ``term`` at training step ``step`` (by
+    ``tests/inject_nan.py``, a monkeypatch), on the CPU; returns the completed process."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, str(REPO / "tests" / "inject_nan.py"), term, str(step), *args, *QUICK],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def run_stopped_by_nan(cwd: Path, term: str, step: int, *args: str):
     """``vae-train`` on digits with a NaN injected into ``term`` at ``step``, which must stop it
     (exit code 3). Returns the process and its run directory."""
-    proc = run_cli(
-        "vae-train",
-        *args,
-        f"trainer_guard.inject_nan_term={term}",
-        f"trainer_guard.inject_nan_step={step}",
-        *QUICK,
-        cwd=cwd,
-        check=False,
-    )
+    proc = run_with_nan(cwd, term, step, *args)
     assert proc.returncode == 3, proc.stderr[-2000:]
     return proc, next((cwd / "logs" / "vae_digits").iterdir())

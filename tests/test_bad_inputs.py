@@ -44,9 +44,19 @@ CLI_CASES = [
     CliCase("empty_hidden_dims", ["model.hidden_dims=[]"], ["model.hidden_dims"]),
     CliCase("zero_lr", ["model.lr=0"], ["model.lr"]),
     CliCase(
-        "zero_steps_per_call",
-        ["train_loop.steps_per_call=0"],
-        ["train_loop.steps_per_call", "positive integer"],
+        "removed_key",
+        ["train_loop.steps_per_call=8"],
+        ["train_loop.steps_per_call no longer exists", "one optimizer step per batch"],
+    ),
+    CliCase(
+        "capacity_with_free_bits",
+        ["model.kl_schedule=capacity", "model.free_bits=0.5"],
+        ["model.free_bits=0.5", "model.kl_schedule=capacity"],
+    ),
+    CliCase(
+        "moved_key_keeps_its_rules",  # the old spelling is an alias of the regulariser's key
+        ["model.warmup_steps=0"],
+        ["model.regulariser.warmup_steps=0", "positive integer"],
     ),
     CliCase(
         "image_too_small_for_conv",
@@ -86,12 +96,6 @@ CLI_CASES = [
         setup="ckpt_last",
     ),
     CliCase("not_a_checkpoint", [], ["not a Lightning checkpoint"], setup="ckpt_garbage"),
-    CliCase(
-        "checkpoint_other_loop",  # trained one step per batch, resumed with packs of 8
-        ["train_loop.steps_per_call=8"],
-        ["was trained with train_loop.steps_per_call=1", "this run would use 8"],
-        setup="ckpt_last",
-    ),
 ]
 
 

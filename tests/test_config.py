@@ -48,3 +48,24 @@ def test_all_invalid_values_are_reported_together():
 def test_bernoulli_on_grey_pixels_warns():
     with pytest.warns(UserWarning, match="data.binarize=dynamic"):
         validate_config(composed("data.binarize=none"))
+
+
+def test_moved_keys_keep_their_old_spelling_as_an_alias():
+    from vae.training.config import rewrite_moved_keys
+
+    assert rewrite_moved_keys(
+        ["-m", "model.warmup_steps=100,200", "+trainer_guard.skip_nonfinite=true", "seed=1"]
+    ) == [
+        "-m",
+        "model.regulariser.warmup_steps=100,200",
+        "+callbacks.nonfinite_guard.skip_nonfinite=true",
+        "seed=1",
+    ]
+    validate_config(composed(*rewrite_moved_keys(["model.cycle_steps=50"])))
+
+
+def test_a_removed_key_says_what_to_do_instead():
+    from vae.training.config import rewrite_moved_keys
+
+    with pytest.raises(ConfigError, match="train_loop.steps_per_call no longer exists"):
+        rewrite_moved_keys(["train_loop.steps_per_call=8"])

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from vae.training import tags
 from vae.eval.suite import vqvae_metrics, vqvae_prior_metrics
 from vae.losses import perplexity
 from vae.models import VQVAE, VQVAEPrior
+from vae.training import tags
 
 
 class FixedCodes(nn.Module):
@@ -66,10 +66,10 @@ def test_real_vqvae_matches_its_own_validation_histogram(vqvae):
     images = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(1)).round()
     batches = list(images.split(16))
     metrics = vqvae_metrics(vqvae, batches)
-    vqvae.on_validation_epoch_start()
+    vqvae.val_code_usage.reset()
     with torch.no_grad():
         terms = [vqvae.compute_terms(x, step=0)[1] for x in batches]
-    counts = vqvae.validation_code_counts()
+    counts = vqvae.val_code_usage.compute().counts
     assert metrics[tags.TEST_PERPLEXITY] == pytest.approx(float(perplexity(counts)), rel=1e-9)
     assert metrics[tags.TEST_CODEBOOK_USAGE] == pytest.approx(float((counts > 0).double().mean()))
     weights = [x.shape[0] / 50 for x in batches]

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from experiments.train import CONFIG_DIR
 from tests.cli import QUICK, run_cli
-from vae.training.config import validate_config
+from vae.training.config import rewrite_moved_keys, validate_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT = README.read_text()
@@ -53,7 +53,7 @@ def _overrides(command: str) -> list[str]:
         if "," in value and not value.startswith("["):
             value = value.split(",")[0]
         overrides.append(f"{key}={value}")
-    return overrides
+    return rewrite_moved_keys(overrides)  # as vae-train does: old spellings are aliases
 
 
 @pytest.mark.parametrize("command", TRAIN_COMMANDS)

@@ -11,8 +11,8 @@ import torch
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.cli import QUICK, last_line, load_events, run_cli, scalar_series
-from vae.training import tags
 from vae.models import GaussianVAE
+from vae.training import tags
 
 pytestmark = pytest.mark.slow
 

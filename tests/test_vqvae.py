@@ -5,18 +5,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from vae.training import tags
-from vae.training.checkpoints import CheckpointError
-from vae.training.config import ConfigError, validate_config
 from vae.losses import perplexity
 from vae.models import VQVAE, GaussianVAE, VQVAEPrior
 from vae.models.vqvae import code_histogram_image
 from vae.models.vqvae_prior import load_frozen_vqvae
 from vae.nn import CodePrior
+from vae.training import tags
+from vae.training.checkpoints import CheckpointError
+from vae.training.config import ConfigError, validate_config
 
 IMAGE = (1, 8, 8)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -46,6 +47,7 @@ def save_lightning_like(model, path) -> str:
             "state_dict": model.state_dict(),
             "hyper_parameters": dict(model.hparams),
             "model_class": type(model).__qualname__,
+            "pytorch-lightning_version": lightning.__version__,
         },
         path,
     )
@@ -104,8 +106,8 @@ def test_validation_histogram_accumulates_over_the_whole_epoch():
             assert "mse" in terms
             indices = model.encode_indices(x)
             expected += torch.bincount(indices.reshape(-1), minlength=16).double()
-    counts = model.validation_code_counts()
-    assert torch.equal(counts, expected)
+    counts = model.val_code_usage.compute().counts
+    assert torch.equal(counts.double(), expected)
     assert counts.sum().item() == 3 * 5 * 4
     assert perplexity(counts).item() >= 1.0
 
@@ -220,7 +222,9 @@ def test_code_prior_rejects_wrong_grids_and_heads():
 def test_prior_stage_freezes_the_vqvae_and_bounds_log_likelihood(tmp_path):
     vqvae = small_vqvae(ema=True).eval()
     ckpt = save_lightning_like(vqvae, tmp_path / "vq.ckpt")
-    model = VQVAEPrior(IMAGE, vqvae_ckpt=ckpt, dim=16, depth=1, heads=2, dropout=0.0)
+    model = VQVAEPrior(
+        IMAGE, vqvae_ckpt=ckpt, dim=16, depth=1, heads=2, dropout=0.0, data_levels=2
+    )
     model.train()
     assert not model.vqvae.training and not model.vqvae.quantizer.training
     torch.testing.assert_close(model.vqvae.quantizer.codebook, vqvae.quantizer.codebook)

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vae.training import tags
 from vae.eval.active_units import PosteriorMeanStatistics, count_active_units
 from vae.eval.nll import importance_weighted_bounds
 from vae.eval.sample_scores import (
@@ -28,6 +27,7 @@ from vae.eval.sample_scores import (
     reverse_label_kl,
 )
 from vae.losses import codebook_usage, perplexity
+from vae.training import tags
 
 __all__ = [
     "batches_of",

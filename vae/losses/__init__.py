@@ -31,6 +31,7 @@ from vae.losses.elbo import (
     KLRegulariser,
     build_regulariser,
     compute_elbo,
+    kl_regulariser,
 )
 from vae.losses.kl import (
     KLDivergence,
@@ -46,6 +47,7 @@ from vae.losses.kl import (
 from vae.losses.likelihoods import (
     CONTINUOUS_LIKELIHOODS,
     LIKELIHOODS,
+    PixelLikelihood,
     bernoulli_nll,
     bits_per_dim,
     gaussian_nll,
@@ -89,6 +91,7 @@ __all__ = [
     "uniform_dequantize",
     "CONTINUOUS_LIKELIHOODS",
     "LIKELIHOODS",
+    "PixelLikelihood",
     "get_likelihood",
     # schedules
     "Schedule",
@@ -104,6 +107,7 @@ __all__ = [
     "FreeBitsKL",
     "compute_elbo",
     "build_regulariser",
+    "kl_regulariser",
     "REGULARISER_KINDS",
     # validation
     "set_validation",

@@ -41,6 +41,7 @@ __all__ = [
     "FreeBitsKL",
     "compute_elbo",
     "build_regulariser",
+    "kl_regulariser",
     "REGULARISER_KINDS",
 ]
 
@@ -375,3 +376,44 @@ def build_regulariser(kind: str, **kwargs: Any) -> KLRegulariser:
             f"build_regulariser: bad keyword arguments {sorted(kwargs)} for kind={kind!r} "
             f"({error}); see the table in build_regulariser's docstring"
         ) from None
+
+
+def kl_regulariser(
+    kl_schedule: str = "constant",
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    warmup_steps: int = 1000,
+    cycle_steps: int = 1000,
+    cycle_ratio: float = 0.5,
+    capacity_max: float = 25.0,
+    capacity_steps: int = 10000,
+    capacity_gamma: float = 1000.0,
+) -> KLRegulariser:
+    """The regulariser of a Gaussian VAE from one flat set of arguments (the Hydra config
+    ``model.regulariser``; ``model.beta``, ``model.kl_schedule`` and ``model.free_bits`` feed it).
+
+    ``kl_schedule`` = ``constant`` / ``linear`` (warm-up over ``warmup_steps``) / ``cyclical``
+    (``cycle_steps``, ramping for ``cycle_ratio`` of each cycle) gives beta(t), applied to KL, or
+    with ``free_bits`` > 0 to max(free_bits, KL_j) per dimension; ``capacity`` replaces
+    beta * KL by ``capacity_gamma`` * |KL - C(t)|, C rising to ``capacity_max`` nats over
+    ``capacity_steps``, and cannot be combined with free bits.
+    """
+    if kl_schedule == "capacity":
+        if free_bits > 0:
+            raise ValueError(
+                "kl_regulariser: argument 'free_bits' > 0 cannot be combined with "
+                "kl_schedule='capacity'; set one of them"
+            )
+        return CapacityKL(capacity_gamma, CapacitySchedule(c_max=capacity_max, steps=capacity_steps))
+    schedules = {
+        "constant": lambda: ConstantBeta(beta=beta),
+        "linear": lambda: LinearWarmup(beta=beta, warmup_steps=warmup_steps),
+        "cyclical": lambda: CyclicalBeta(beta=beta, cycle_steps=cycle_steps, ratio=cycle_ratio),
+    }
+    if kl_schedule not in schedules:
+        raise ValueError(
+            f"kl_regulariser: argument 'kl_schedule' must be one of {[*schedules, 'capacity']}, "
+            f"got {kl_schedule!r}"
+        )
+    schedule = schedules[kl_schedule]()
+    return FreeBitsKL(free_bits, schedule) if free_bits > 0 else BetaKL(schedule)

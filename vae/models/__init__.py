@@ -1,8 +1,8 @@
 """Thin LightningModules: wiring and logging; the maths lives in ``vae.losses`` and ``vae.nn``."""
 
-from vae.models.base import LatentVariableModule, NonFiniteLossError
+from vae.models.base import LatentVariableModule
 from vae.models.gaussian_vae import GaussianVAE
 from vae.models.vqvae import VQVAE
 from vae.models.vqvae_prior import VQVAEPrior
 
-__all__ = ["GaussianVAE", "LatentVariableModule", "NonFiniteLossError", "VQVAE", "VQVAEPrior"]
+__all__ = ["GaussianVAE", "LatentVariableModule", "VQVAE", "VQVAEPrior"]

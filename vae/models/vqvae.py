@@ -18,14 +18,16 @@ the whole validation epoch (and summed over processes), never from a single batc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from vae.eval.epoch_statistics import CodeUsage
+from vae.losses import PixelLikelihood, uniform_prior_rate
+from vae.models.base import LatentVariableModule, build_part
+from vae.nn import VQDecoder, VQEncoder
 from vae.training import tags
-from vae.losses import codebook_usage, perplexity, uniform_prior_rate
-from vae.models.base import LatentVariableModule
-from vae.nn import VectorQuantizer, VQDecoder, VQEncoder
 from vae.training.tensorboard import log_image_grid
 
 HISTOGRAM_HEIGHT = 64  # pixels of the tallest bar in val/code_histogram
@@ -73,7 +75,9 @@ class VQVAE(LatentVariableModule):
         num_codes: K.
         commitment: beta on the commitment term.
         ema, decay, eps, dead_code_threshold, restart_dead_codes, kmeans_init, kmeans_iters:
-            see ``vae.nn.VectorQuantizer``.
+            see ``vae.nn.VectorQuantizer``; used when ``quantizer`` is not given.
+        quantizer: ``quantizer(code_dim=...)`` -> the quantizer module, as a config with
+            ``_target_`` or a factory (``conf/model/vqvae.yaml`` interpolates the keys above).
         num_res_blocks, res_hidden: the residual stacks of encoder and decoder.
         likelihood: ``bernoulli`` (logits) or ``gaussian`` / ``laplace`` (location, fixed scale
             ``sigma``).
@@ -106,10 +110,11 @@ class VQVAE(LatentVariableModule):
         lr: float = 1e-3,
         num_images: int = 64,
         data_levels: int | None = None,
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        quantizer: Mapping[str, Any] | Callable[..., Any] | None = None,
+        optimizer: Mapping[str, Any] | Callable[..., Any] | None = None,
     ):
         super().__init__(optimizer=optimizer, num_images=num_images)
-        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.save_hyperparameters(logger=False)
         if arch != "conv":
             raise ValueError(
                 f"model.arch={arch!r} is not supported by the VQ-VAE: it quantizes a spatial grid "
@@ -123,26 +128,30 @@ class VQVAE(LatentVariableModule):
         self.decoder = VQDecoder(
             self.code_dim, hidden_dims, self.image_shape, num_res_blocks, res_hidden
         )
-        self.quantizer = VectorQuantizer(
-            num_codes,
-            self.code_dim,
-            commitment=commitment,
-            ema=ema,
-            decay=decay,
-            eps=eps,
-            dead_code_threshold=dead_code_threshold,
-            restart_dead_codes=restart_dead_codes,
-            kmeans_init=kmeans_init,
-            kmeans_iters=kmeans_iters,
-        )
+        default_quantizer = {
+            "_target_": "vae.nn.VectorQuantizer",
+            "num_codes": num_codes,
+            "commitment": commitment,
+            "ema": ema,
+            "decay": decay,
+            "eps": eps,
+            "dead_code_threshold": dead_code_threshold,
+            "restart_dead_codes": restart_dead_codes,
+            "kmeans_init": kmeans_init,
+            "kmeans_iters": kmeans_iters,
+        }
+        self.quantizer = build_part(quantizer or default_quantizer, code_dim=self.code_dim)
         self.grid_shape = self.encoder.grid_shape
         self.num_codes = self.quantizer.num_codes
-        if not sigma > 0:
-            raise ValueError(f"model.sigma must be > 0, got {sigma}.")
-        self.num_pixels = math.prod(self.image_shape)
-        self.set_likelihood(likelihood, math.log(sigma), data_levels)
+        self.likelihood = PixelLikelihood(
+            likelihood,
+            num_dims=math.prod(self.image_shape),
+            channels=self.image_shape[0],
+            sigma=sigma,
+            data_levels=data_levels,
+        )
         self.rate = uniform_prior_rate(math.prod(self.grid_shape), self.num_codes)
-        self._val_code_counts: torch.Tensor | None = None
+        self.val_code_usage = CodeUsage(self.num_codes)
 
     # --- the model ---------------------------------------------------------------------------
     def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +164,15 @@ class VQVAE(LatentVariableModule):
 
     def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """-log p(x | e) in nats per example, shape (B,); computed in float32."""
-        return super().reconstruction_nll(params.float(), x)
+        return self.likelihood(params, x)
+
+    def decoder_mean(self, params: torch.Tensor) -> torch.Tensor:
+        """E[x | e] for display."""
+        return self.likelihood.mean(params)
+
+    def bits_per_dim(self, nll: torch.Tensor | float) -> torch.Tensor | float | None:
+        """``nll`` as bits/dim comparable with papers, or None (``PixelLikelihood``)."""
+        return self.likelihood.bits_per_dim(nll)
 
     def forward(self, x: torch.Tensor):
         """(decoder outputs, quantizer output) for images ``x``."""
@@ -179,11 +196,11 @@ class VQVAE(LatentVariableModule):
             "kl": kl,
             "elbo": elbo,
         }
-        if self.reports_bits_per_dim:
+        if self.likelihood.reports_bits_per_dim:
             terms["bits_per_dim"] = self.bits_per_dim(-elbo)
         if not self.training:
             terms["mse"] = (self.decoder_mean(params.detach().float()) - x).pow(2).mean()
-            self._accumulate_code_counts(quantized.counts)
+            self.val_code_usage.update(quantized.indices)
         return loss, terms
 
     def train_scalar_names(self):
@@ -199,7 +216,7 @@ class VQVAE(LatentVariableModule):
         )
 
     def val_scalar_names(self):
-        bits = ("bits_per_dim",) if self.reports_bits_per_dim else ()
+        bits = ("bits_per_dim",) if self.likelihood.reports_bits_per_dim else ()
         return ("loss", "recon", "kl", "elbo", *bits, "mse")
 
     def hparam_metric_tags(self):
@@ -214,30 +231,12 @@ class VQVAE(LatentVariableModule):
         """None: the uniform prior of this stage gives noise; train ``VQVAEPrior`` for samples."""
         return None
 
-    # --- the code histogram of the validation epoch -----------------------------------------
-    def _accumulate_code_counts(self, counts: torch.Tensor) -> None:
-        counts = counts.detach().double()
-        if self._val_code_counts is None:
-            self._val_code_counts = torch.zeros_like(counts)
-        self._val_code_counts += counts
-
-    def validation_code_counts(self) -> torch.Tensor | None:
-        """How often each code was chosen in this validation epoch, summed over processes."""
-        if self._val_code_counts is None:
-            return None
-        counts = self._val_code_counts
-        if self._trainer is not None and self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
-        return counts
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_code_counts = None
-
+    # --- the code histogram of the whole validation epoch (torchmetrics: synced) ------------
     def on_validation_epoch_end(self) -> None:
-        counts = self.validation_code_counts()
-        if counts is not None and float(counts.sum()) > 0:
-            self.log_val_epoch_scalar("perplexity", perplexity(counts))
-            self.log_val_epoch_scalar("codebook_usage", codebook_usage(counts))
+        if self.val_code_usage.update_called:
+            counts, code_perplexity, usage = self.val_code_usage.compute()
+            self.log_val_epoch_scalar("perplexity", code_perplexity)
+            self.log_val_epoch_scalar("codebook_usage", usage)
             if self.trainer.is_global_zero and not self.trainer.sanity_checking:
                 log_image_grid(
                     self.loggers,
@@ -246,5 +245,5 @@ class VQVAE(LatentVariableModule):
                     self.global_step,
                     nrow=1,
                 )
-        self._val_code_counts = None
+        self.val_code_usage.reset()
         super().on_validation_epoch_end()

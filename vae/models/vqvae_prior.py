@@ -20,17 +20,16 @@ runs (smoke tests, ``debug=fdr``) but the numbers mean nothing, and a warning sa
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from vae.training.checkpoints import CheckpointError, read_checkpoint
 from vae.models.base import LatentVariableModule
 from vae.models.vqvae import VQVAE
 from vae.nn.prior import CodePrior
+from vae.training.checkpoints import CheckpointError, read_checkpoint
 
 SAMPLE_SEED = 1234  # val/samples draws the same random stream each epoch
 
@@ -38,21 +37,21 @@ SAMPLE_SEED = 1234  # val/samples draws the same random stream each epoch
 def load_frozen_vqvae(
     path: str, image_shape: Sequence[int], data_levels: int | None = None
 ) -> VQVAE:
-    """The VQ-VAE of checkpoint ``path``, in eval mode with gradients off.
+    """The VQ-VAE of checkpoint ``path`` (``VQVAE.load_from_checkpoint``), frozen, in eval mode.
 
     Raises ``CheckpointError`` (a ``ValueError``) naming ``model.vqvae_ckpt`` if the file is not
     a VQ-VAE checkpoint or was trained on images of another shape or depth (``data_levels``,
-    e.g. binarized against grey-level pixels). A checkpoint that predates ``data_levels``
-    takes this run's.
+    e.g. binarized against grey-level pixels).
     """
     checkpoint = read_checkpoint(path)
-    saved_class = checkpoint.get("model_class", VQVAE.__qualname__)
+    saved_class = checkpoint.get("model_class")
     if saved_class != VQVAE.__qualname__:
         raise CheckpointError(
-            f"model.vqvae_ckpt={path} holds a {saved_class}, not a VQVAE; give the checkpoint "
-            "of a model=vqvae run, e.g. logs/vqvae_fashion/<run>/checkpoints/last.ckpt."
+            f"model.vqvae_ckpt={path} holds a {saved_class or 'checkpoint of an older format'}, "
+            "not a VQVAE; give the checkpoint of a model=vqvae run, e.g. "
+            "logs/vqvae_fashion/<run>/checkpoints/last.ckpt."
         )
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams = checkpoint.get("hyper_parameters") or {}
     saved_shape = tuple(int(s) for s in hparams.get("image_shape", ()))
     if saved_shape != tuple(int(s) for s in image_shape):
         raise CheckpointError(
@@ -60,15 +59,12 @@ def load_frozen_vqvae(
             f"gives {tuple(image_shape)}; use the same data=... as the VQ-VAE run."
         )
     saved_levels = hparams.get("data_levels")
-    if saved_levels is not None and data_levels is not None and saved_levels != data_levels:
+    if saved_levels != data_levels:
         raise CheckpointError(
             f"model.vqvae_ckpt={path} was trained on pixels with {saved_levels} levels, but the "
             f"data gives {data_levels}; use the same data.binarize as the VQ-VAE run."
         )
-    hparams["data_levels"] = saved_levels if saved_levels is not None else data_levels
-    model = VQVAE(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
-    return freeze(model)
+    return freeze(VQVAE.load_from_checkpoint(path, map_location="cpu"))
 
 
 def freeze(model: VQVAE) -> VQVAE:
@@ -102,10 +98,10 @@ class VQVAEPrior(LatentVariableModule):
         lr: float = 1e-3,
         num_images: int = 64,
         data_levels: int | None = None,
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        optimizer: Mapping[str, Any] | Callable[..., Any] | None = None,
     ):
         super().__init__(optimizer=optimizer, num_images=num_images)
-        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.save_hyperparameters(logger=False)
         self.image_shape = tuple(int(s) for s in image_shape)
         if vqvae_ckpt is None:
             warnings.warn(
@@ -129,7 +125,6 @@ class VQVAEPrior(LatentVariableModule):
         if not temperature > 0:
             raise ValueError(f"model.temperature must be > 0, got {temperature}.")
         self.temperature = float(temperature)
-        self.num_pixels = math.prod(self.image_shape)
 
     def train(self, mode: bool = True):
         """The VQ-VAE stays in eval mode: its quantizer must not update the codebook."""
@@ -152,7 +147,7 @@ class VQVAEPrior(LatentVariableModule):
                 recon = self.vqvae.reconstruction_nll(params, x).mean()
             elbo = -(recon + kl)
             terms.update(recon=recon, elbo=elbo)
-            if self.vqvae.reports_bits_per_dim:
+            if self.vqvae.likelihood.reports_bits_per_dim:
                 terms["bits_per_dim"] = self.vqvae.bits_per_dim(-elbo)
         return kl, terms
 
@@ -160,7 +155,7 @@ class VQVAEPrior(LatentVariableModule):
         return ("loss", "kl")
 
     def val_scalar_names(self):
-        bits = ("bits_per_dim",) if self.vqvae.reports_bits_per_dim else ()
+        bits = ("bits_per_dim",) if self.vqvae.likelihood.reports_bits_per_dim else ()
         return ("loss", "recon", "kl", "elbo", *bits)
 
     @torch.no_grad()

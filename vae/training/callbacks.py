@@ -11,14 +11,6 @@ import numpy as np
 import torch
 
 
-def examples_in(batch) -> int:
-    """Examples in a training batch ``(x, y)`` (``x`` a tensor), or in a pack of such batches
-    (a list of them; see ``LatentVariableModule.configure_loop``)."""
-    if isinstance(batch[0], torch.Tensor):
-        return int(batch[0].shape[0])
-    return sum(int(x.shape[0]) for x, *_ in batch)
-
-
 class TrainThroughput(pl.Callback):
     """Training examples per second of wall time spent in training batches.
 
@@ -56,7 +48,7 @@ class TrainThroughput(pl.Callback):
         self._start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.samples += examples_in(batch)
+        self.samples += int(batch[0].shape[0])
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._started is not None:  # validation inside a training epoch
@@ -135,7 +127,6 @@ class LastCheckpoint(pl.Callback):
     def __init__(self, dirpath: str, every_n_train_steps: int | None = 200) -> None:
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps or 0
-        self._step_at_last_batch = 0
 
     @property
     def path(self) -> str:
@@ -144,19 +135,104 @@ class LastCheckpoint(pl.Callback):
     def _save(self, trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
-        trainer.save_checkpoint(self.path)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._step_at_last_batch = trainer.global_step
+        trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # A batch may take several optimizer steps (``train_loop.steps_per_call``): save when
-        # it crossed a multiple of N, which with one step per batch means at each multiple.
-        step, before = trainer.global_step, self._step_at_last_batch
-        self._step_at_last_batch = step
         every = self.every_n_train_steps
-        if every and step // every > before // every:
+        if every and trainer.global_step % every == 0:
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or a gradient became NaN or infinite; the message names it and the step."""
+
+
+class NonFiniteGuard(pl.Callback):
+    """Stops training at the first NaN/inf loss or gradient, naming the term or parameter;
+    with ``skip_nonfinite`` it skips such batches instead (no parameter update) and counts them
+    (``skipped_batches``, written to metrics.json as ``train/skipped_batches``).
+
+    The loss is checked before the backward pass; the term named is the first non-finite one
+    of the model's ``guarded_terms`` in its ``step_terms``. Gradients are checked before the
+    optimizer step (``check_gradients``), except under a gradient scaler
+    (``trainer.precision=16-mixed``), whose inf gradients are how it finds its scale: it skips
+    those steps and lowers the scale by design. The last good checkpoint stays in place.
+
+    Hydra keys: ``callbacks.nonfinite_guard.skip_nonfinite`` (alias
+    ``trainer_guard.skip_nonfinite``) and ``callbacks.nonfinite_guard.check_gradients``.
+    """
+
+    def __init__(self, skip_nonfinite: bool = False, check_gradients: bool = True) -> None:
+        self.skip_nonfinite = skip_nonfinite
+        self.check_gradients = check_gradients
+        self.skipped_batches = 0
+        self._skip_this_step = False
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if bool(torch.isfinite(loss)):
+            return
+        if self.skip_nonfinite:
+            self._skip_this_step = True
+            return
+        terms = getattr(pl_module, "step_terms", {})
+        culprit = next(
+            (n for n in pl_module.guarded_terms if n in terms and not _finite(terms[n])), "loss"
+        )
+        value = float(terms.get(culprit, loss).detach().float().mean())
+        raise NonFiniteLossError(
+            f"non-finite {culprit} ({value}) at training step {trainer.global_step} (epoch "
+            f"{trainer.current_epoch}). {self._advice('model.logvar_clamp=[-10,10], ')}"
+        )
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._skip_this_step and self.check_gradients and not _has_scaler(trainer):
+            named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+            if named and not gradients_are_finite([g for _, g in named]):
+                culprit = next(n for n, g in named if not _finite(g))
+                if not self.skip_nonfinite:
+                    raise NonFiniteLossError(
+                        f"non-finite gradient of {culprit} at training step "
+                        f"{trainer.global_step} (epoch {trainer.current_epoch}). "
+                        + self._advice("")
+                    )
+                self._skip_this_step = True
+        if self._skip_this_step:
+            self._skip_this_step = False
+            self.skipped_batches += 1
+            optimizer.zero_grad(set_to_none=True)  # the optimizer leaves grad-less params alone
+
+    @staticmethod
+    def _advice(extra: str) -> str:
+        return (
+            "Training stopped; the last good checkpoint is kept in the run's checkpoints/ "
+            f"folder. Try a lower model.lr, trainer.gradient_clip_val=1.0, {extra}or "
+            "trainer_guard.skip_nonfinite=true to skip such batches."
+        )
+
+    def state_dict(self) -> dict:
+        return {"skipped_batches": self.skipped_batches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped_batches = int(state_dict.get("skipped_batches", 0))
+
+
+def gradients_are_finite(gradients: list[torch.Tensor]) -> bool:
+    """True when every entry of every tensor in the non-empty list is finite.
+
+    NaN and inf propagate through sums, so a finite total proves every entry finite with one
+    host sync; only a non-finite total (which ``inf - inf`` or an overflow of huge finite values
+    could also give) pays for the elementwise search.
+    """
+    total = torch.stack([g.sum(dtype=torch.float64) for g in gradients]).sum()
+    return _finite(total) or all(_finite(g) for g in gradients)
+
+
+def _finite(value: torch.Tensor) -> bool:
+    return bool(torch.isfinite(value).all())
+
+
+def _has_scaler(trainer) -> bool:
+    return getattr(trainer.precision_plugin, "scaler", None) is not None

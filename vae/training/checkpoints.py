@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # Model keys that may differ on resume (they do not change the weights' meaning).
-RESUMABLE_CHANGES = frozenset({"lr", "num_images"})
+RESUMABLE_CHANGES = frozenset({"lr", "optimizer", "num_images"})
 
 
 class CheckpointError(ValueError):

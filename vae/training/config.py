@@ -104,12 +104,12 @@ RULES: tuple[Rule, ...] = (
     Rule("model.lr", positive_number, "a positive number"),
     Rule("model.beta", non_negative_number, "a number >= 0"),
     Rule("model.kl_schedule", one_of(*KL_SCHEDULES), f"one of {', '.join(KL_SCHEDULES)}"),
-    Rule("model.warmup_steps", positive_int, "a positive integer"),
-    Rule("model.cycle_steps", positive_int, "a positive integer"),
-    Rule("model.cycle_ratio", fraction, "a number in (0, 1]"),
-    Rule("model.capacity_max", non_negative_number, "a number >= 0 (nats)"),
-    Rule("model.capacity_steps", positive_int, "a positive integer"),
-    Rule("model.capacity_gamma", non_negative_number, "a number >= 0"),
+    Rule("model.regulariser.warmup_steps", positive_int, "a positive integer"),
+    Rule("model.regulariser.cycle_steps", positive_int, "a positive integer"),
+    Rule("model.regulariser.cycle_ratio", fraction, "a number in (0, 1]"),
+    Rule("model.regulariser.capacity_max", non_negative_number, "a number >= 0 (nats)"),
+    Rule("model.regulariser.capacity_steps", positive_int, "a positive integer"),
+    Rule("model.regulariser.capacity_gamma", non_negative_number, "a number >= 0"),
     Rule("model.free_bits", non_negative_number, "a number >= 0 (nats per latent dimension)"),
     Rule("model.num_images", positive_int, "a positive integer"),
     Rule("data.batch_size", positive_int, "a positive integer"),
@@ -119,7 +119,7 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1"),
     Rule("trainer.log_every_n_steps", positive_int, "a positive integer"),
     Rule("seed", lambda v: v is None or _is_int(v), "an integer or null"),
-    Rule("train_loop.steps_per_call", positive_int, "a positive integer (1: a step per batch)"),
+    Rule("callbacks.nonfinite_guard.skip_nonfinite", lambda v: isinstance(v, bool), "true or false"),
     Rule("test", lambda v: isinstance(v, bool), "true or false"),
     Rule("eval.k", positive_int, "a positive integer, e.g. eval.k=5000"),
     Rule("eval.limit", optional(positive_int), "null or a positive integer"),
@@ -140,6 +140,13 @@ def validate_config(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not rule.check(value):
             problems.append(f"{rule.key}={value!r} is invalid: expected {rule.expected}.")
+    schedule = OmegaConf.select(cfg, "model.kl_schedule")
+    free_bits = OmegaConf.select(cfg, "model.free_bits")
+    if schedule == "capacity" and _is_number(free_bits) and free_bits > 0:
+        problems.append(
+            f"model.free_bits={free_bits!r} cannot be combined with model.kl_schedule=capacity: "
+            "set model.free_bits=0 or another schedule."
+        )
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
     likelihood = OmegaConf.select(cfg, "model.likelihood")
@@ -212,3 +219,42 @@ def apply_aliases(cfg: DictConfig) -> None:
         return
     if not OmegaConf.is_interpolation(model, "latent_dim") and model.latent_dim is not None:
         model.code_dim = model.latent_dim
+
+
+# --- keys that moved or went away --------------------------------------------------------------
+MOVED_KEYS = {
+    **{
+        f"model.{key}": f"model.regulariser.{key}"
+        for key in (
+            "warmup_steps",
+            "cycle_steps",
+            "cycle_ratio",
+            "capacity_max",
+            "capacity_steps",
+            "capacity_gamma",
+        )
+    },
+    "trainer_guard.skip_nonfinite": "callbacks.nonfinite_guard.skip_nonfinite",
+    "trainer_guard.check_gradients": "callbacks.nonfinite_guard.check_gradients",
+}
+"""Old spelling -> new key; the old one keeps working on the command line (an alias)."""
+
+REMOVED_KEYS = {
+    "train_loop.steps_per_call": "Lightning now takes one optimizer step per batch; drop it.",
+    "trainer_guard.inject_nan_term": "fault injection is done by the tests themselves; drop it.",
+    "trainer_guard.inject_nan_step": "fault injection is done by the tests themselves; drop it.",
+}
+
+
+def rewrite_moved_keys(overrides: list[str]) -> list[str]:
+    """Command-line overrides with each moved key spelled the new way (``model.warmup_steps=500``
+    -> ``model.regulariser.warmup_steps=500``), also in sweeps (``-m``) and with ``+``/``~``
+    prefixes. A removed key raises ``ConfigError`` saying what to do instead."""
+    rewritten = []
+    for override in overrides:
+        prefix = override[: len(override) - len(override.lstrip("+~"))]
+        key, sep, value = override[len(prefix) :].partition("=")
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"{key} no longer exists: {REMOVED_KEYS[key]}")
+        rewritten.append(f"{prefix}{MOVED_KEYS.get(key, key)}{sep}{value}")
+    return rewritten

@@ -1,11 +1,18 @@
-"""Run directories and the files in them: ``metrics.json`` and the saved Hydra config."""
+"""Run directories and the files in them, in one place: how a run directory is named and
+found again on resume (the resolvers of ``conf/hydra/default.yaml``), ``metrics.json``, and the
+clean-up of a run that failed before it started."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
+import secrets
+import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,3 +56,109 @@ def write_metrics(
         handle.write("\n")
     os.replace(tmp, path)
     return path
+
+
+# --- run directories: where a run writes, named by Hydra's resolvers (conf/hydra/default.yaml) --
+# Names this process's resume attempt (config folder and log), fixed once per process so that
+# every place that resolves it agrees.
+ATTEMPT = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+
+# Characters that Hydra's override grammar (and shells) would need quoted in a later
+# `ckpt_path=<run dir>/checkpoints/last.ckpt`, mapped to ones that need no quoting.
+_PATH_SAFE = str.maketrans(
+    {"/": "-", "=": "-", ",": "+", **dict.fromkeys("[] '\"(){}", None)}
+)
+
+
+def dir_suffix(overrides: str, limit: int = 120) -> str:
+    """``_model.beta-4__model.latent_dim-16`` from Hydra's override_dirname (``kv_sep: -``,
+    ``item_sep: __``): one path component that can be pasted unquoted into ``ckpt_path=``.
+
+    An over-long suffix is cut and ends in ``__sha1-`` and a hash of the whole text, so that
+    distinct overrides still give distinct names (and no character that Hydra's override
+    grammar rejects unquoted, such as ``~``).
+    """
+    if not overrides:
+        return ""
+    text = overrides.translate(_PATH_SAFE)
+    if len(text) > limit:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+        text = f"{text[: limit - 15]}__sha1-{digest}"
+    return f"_{text}"
+
+
+def resumed_run_dir(ckpt_path: str | None) -> Path | None:
+    """The run a checkpoint belongs to (``<run>/checkpoints/*.ckpt``), or None: a new run."""
+    if not ckpt_path:
+        return None
+    checkpoint = Path(ckpt_path).expanduser().resolve()
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else None
+
+
+def resume_dir(ckpt_path: str | None, new_run_dir: str) -> str:
+    """Where a run writes: the checkpoint's own run directory when resuming, else a new one."""
+    resumed = resumed_run_dir(ckpt_path)
+    return str(resumed) if resumed is not None else new_run_dir
+
+
+def config_subdir(ckpt_path: str | None) -> str:
+    """Hydra's config folder: ``.hydra`` for a new run; a resumed run keeps the original
+    ``.hydra/config.yaml`` and records its own under ``.hydra/resume_<time>``."""
+    return f".hydra/resume_{ATTEMPT}" if resumed_run_dir(ckpt_path) else ".hydra"
+
+
+def log_file_name(ckpt_path: str | None) -> str:
+    """The job log: ``train.log``; a resume logs to its own file and leaves the first alone."""
+    return f"train_resume_{ATTEMPT}.log" if resumed_run_dir(ckpt_path) else "train.log"
+
+
+def group_choice(group: str, *, _root_: Any) -> str:
+    """The option chosen for a config group (``${choice:model}`` -> ``vae``), read from the
+    composed config's ``hydra`` node where present (also while a multirun names its sweep
+    directory), else from HydraConfig."""
+    from omegaconf import OmegaConf
+
+    choices = OmegaConf.select(_root_, "hydra.runtime.choices")
+    if choices is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    return str(choices.get(group))
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers that ``conf/`` uses to name run directories."""
+    from omegaconf import OmegaConf
+
+    cached = {
+        "resume_dir": resume_dir,
+        "config_subdir": config_subdir,
+        "log_file_name": log_file_name,
+        "run_id": lambda: secrets.token_hex(3),  # short, random; one value per config
+    }
+    for name, function in cached.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function, use_cache=True)
+    for name, function in {"choice": group_choice, "dir_suffix": dir_suffix}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
+def discard_unused_outputs(run_dir: Path, config_folder: str | None, log_file: str | None) -> None:
+    """Undo what Hydra wrote for a run that failed before it started.
+
+    A new run directory holding nothing but Hydra's own files is removed whole. Resuming into
+    an existing run only removes this attempt's own config folder and log, so the run's
+    checkpoints, events, metrics and first config stay exactly as they were.
+    """
+    if not run_dir.is_dir():
+        return
+    if config_folder and config_folder != ".hydra":  # a resume attempt
+        shutil.rmtree(run_dir / config_folder, ignore_errors=True)
+        if log_file:
+            logging.shutdown()
+            Path(log_file).unlink(missing_ok=True)
+        return
+    produced = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+    if not produced:
+        shutil.rmtree(run_dir, ignore_errors=True)
