@@ -14,8 +14,8 @@ training-style step, KL summed and back-propagated to (mu, logvar):
 
 and reports ``speedup = td / ours`` and ``speedup_fast = td_fast / ours_fast`` (like for
 like), and the validation cost ``ours / ours_fast``. Times are the best round of several,
-interleaved across variants (robust to other load on a shared machine). Writes JSON and prints a markdown
-table. Not part of ``make test``.
+interleaved across variants (robust to other load on a shared machine). Writes JSON (each run
+records the git commit it measured) and prints a markdown table. Not part of ``make test``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -125,6 +126,20 @@ def run(devices, rounds, min_time):
     return rows
 
 
+def git_commit():
+    """The commit whose gaussian_kl was timed (None outside a git checkout)."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -160,6 +175,7 @@ def main(argv=None):
     rows = run(devices, args.rounds, args.min_time)
     run_record = {
         "label": args.label,
+        "commit": git_commit(),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "timing": f"best of {args.rounds} interleaved rounds of >= {args.min_time} s each",
