@@ -21,10 +21,16 @@ TIMINGS = {tags.TRAIN_SAMPLES_PER_S}
 
 
 def run_cli(
-    script: str, *args: str, cwd: Path, check: bool = True, timeout: float = 300
+    script: str,
+    *args: str,
+    cwd: Path,
+    check: bool = True,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run e.g. ``vae-train`` with ``args`` in ``cwd``; return the completed process."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONHASHSEED": "0"}
+    """Run e.g. ``vae-train`` with ``args`` in ``cwd`` (``env``: extra variables); return the
+    completed process."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONHASHSEED": "0", **(env or {})}
     proc = subprocess.run(
         [str(BIN / script), *args],
         cwd=cwd,

@@ -22,10 +22,8 @@ import torch
 from hydra.utils import instantiate
 
 from vae.training import tags
+from vae.training.checkpoints import CHECKPOINT_FORMAT
 from vae.training.tensorboard import log_histogram, log_image_grid
-
-# Written into every checkpoint; a checkpoint without it predates the current module layout.
-CHECKPOINT_FORMAT = 2
 
 
 def build_part(part: Any, **kwargs: Any) -> Any:

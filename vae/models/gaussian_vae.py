@@ -131,19 +131,27 @@ class GaussianVAE(LatentVariableModule):
         kl = gaussian_kl(mu, logvar, validate=False)  # (B, D) nats
         recon = self.reconstruction_nll(params, x)
         terms = compute_elbo(recon, kl, self.regulariser, step, validate=False)
+        penalties = self.penalties(mu, logvar)
+        loss = terms.loss + sum(penalties.values()) if penalties else terms.loss
         scalars = {
-            "loss": terms.loss,
+            "loss": loss,
             "recon": terms.recon,
             "kl": terms.kl,
             "beta": terms.beta,
             "elbo": terms.elbo,
+            **penalties,
         }
         if self.likelihood.reports_bits_per_dim:
             scalars["bits_per_dim"] = self.bits_per_dim(-terms.elbo)
         if not self.training:
             self.val_active_units.update(mu.detach())
             self.val_kl_per_dim.update(kl.detach())
-        return terms.loss, scalars
+        return loss, scalars
+
+    def penalties(self, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra terms added to the loss (never to the ELBO), by name, in nats per example;
+        none here. A variant overrides this, and lists the names in its scalar names."""
+        return {}
 
     def train_scalar_names(self):
         return ("loss", "recon", "kl", "beta")

@@ -25,6 +25,11 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+# The layout of the checkpoints this version writes (``checkpoint["format"]``). Format 2: the
+# model's parts (encoder, decoder, regulariser, quantizer, likelihood) are submodules built from
+# configs saved in its hyper-parameters. Older checkpoints are refused with a clear message.
+CHECKPOINT_FORMAT = 2
+
 # Model keys that may differ on resume (they do not change the weights' meaning).
 RESUMABLE_CHANGES = frozenset({"lr", "optimizer", "num_images"})
 
@@ -64,6 +69,13 @@ def check_compatible(checkpoint: Mapping[str, Any], model: torch.nn.Module, path
     ``RESUMABLE_CHANGES``), then every tensor name and shape of the state dict.
     """
     where = f"ckpt_path={path}: " if path else ""
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{where}the checkpoint was written by an older kl-vae (format "
+            f"{checkpoint.get('format', 1)}, this version reads format {CHECKPOINT_FORMAT}), "
+            "whose models were laid out differently. Retrain, or use the kl-vae version that "
+            "wrote it."
+        )
     saved_class = checkpoint.get("model_class")
     if saved_class is not None and saved_class != type(model).__qualname__:
         raise CheckpointError(
