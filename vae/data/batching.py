@@ -93,13 +93,6 @@ class ImageTensorDataset(Dataset):
     keyed by ``(seed, rank, epoch, first example of the batch)``: a run resumed at any batch
     draws exactly the noise of an uninterrupted run. Worker processes keep one stream per
     worker (their copy of the dataset does not see the epoch).
-
-    With ``pack_batch_size`` set, ``__getitems__`` answers a list of consecutive batches of
-    that many examples (a *pack*, the last batch possibly shorter) instead of one batch: the
-    DataLoader then asks for ``K * pack_batch_size`` indices at a time, and a model that takes
-    ``K`` optimizer steps per training step (``LatentVariableModule.configure_loop``) gets
-    them in one call. Each batch of a pack is binarized with the key of its own first
-    example, so the batches and their noise are exactly those of unpacked loading.
     """
 
     def __init__(
@@ -108,7 +101,6 @@ class ImageTensorDataset(Dataset):
         labels: torch.Tensor,
         resample_seed: int | None = None,
         process_rank: int = 0,
-        pack_batch_size: int | None = None,
     ) -> None:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
@@ -119,9 +111,6 @@ class ImageTensorDataset(Dataset):
         self.labels = labels
         self.resample_seed = resample_seed
         self.process_rank = process_rank
-        if pack_batch_size is not None and pack_batch_size < 1:
-            raise ValueError(f"pack_batch_size must be a positive integer, got {pack_batch_size}")
-        self.pack_batch_size = pack_batch_size
         self._generator: torch.Generator | None = None
         self._generator_key: int | None = None
         self._epoch: int | None = None
@@ -165,19 +154,11 @@ class ImageTensorDataset(Dataset):
             return sample_binary(images, generator)
         return sample_binary(images, self._binarize_generator())
 
-    def __getitems__(
-        self, indices: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch in one gather (the DataLoader passes the batch's indices)."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        if self.pack_batch_size is None:
-            first = int(indices[0]) if len(indices) else None
-            return self._maybe_binarize(self.images[index], first), self.labels[index]
-        size = self.pack_batch_size
-        images, labels = self.images[index], self.labels[index]  # one gather for the pack
-        return [
-            (self._maybe_binarize(images[i : i + size], int(indices[i])), labels[i : i + size])
-            for i in range(0, len(indices), size)
-        ]
+        first = int(indices[0]) if len(indices) else None
+        return self._maybe_binarize(self.images[index], first), self.labels[index]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._maybe_binarize(self.images[index]), self.labels[index]

@@ -95,7 +95,6 @@ class InMemoryDataModule(L.LightningDataModule):
         self.seed = seed
         self._pin_memory = None if pin_memory is None else bool(pin_memory)
         self._resume_position: tuple[int, int] | None = None
-        self.batches_per_pack = 1
         self.train_split: ImageSplit | None = None
         self.val_split: ImageSplit | None = None
         self.test_split: ImageSplit | None = None
@@ -143,17 +142,6 @@ class InMemoryDataModule(L.LightningDataModule):
         )
         return ImageSplit(sample_binary(split.images, generator), split.labels)
 
-    def pack_training_batches(self, batches_per_pack: int) -> None:
-        """Serve training batches ``batches_per_pack`` at a time, as a list of ``(x, y)``
-        batches (one *pack*), for a model that takes that many optimizer steps per training step
-        (``LatentVariableModule.configure_loop``). The batches, their order and their
-        binarization noise are exactly those of unpacked loading; validation and test batches
-        are not packed.
-        """
-        self.batches_per_pack = check_integer_setting(
-            batches_per_pack, "train_loop.steps_per_call", 1, "Use 1 for one batch per step."
-        )
-
     def _require_setup(self) -> None:
         if self.train_split is None:
             raise RuntimeError(
@@ -170,12 +158,10 @@ class InMemoryDataModule(L.LightningDataModule):
             return self.trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
-    def _loader(
-        self, dataset: ImageTensorDataset, sampler: Sampler[int], seed: int, batches: int = 1
-    ) -> DataLoader:
+    def _loader(self, dataset: ImageTensorDataset, sampler: Sampler[int], seed: int) -> DataLoader:
         return ResumableDataLoader(
             dataset,
-            batch_size=self.batch_size * batches,
+            batch_size=self.batch_size,
             sampler=sampler,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
@@ -198,13 +184,12 @@ class InMemoryDataModule(L.LightningDataModule):
             split.labels,
             resample_seed=seed if self.binarize == "dynamic" else None,
             process_rank=self.trainer.global_rank if self.trainer is not None else 0,
-            pack_batch_size=self.batch_size if self.batches_per_pack > 1 else None,
         )
         sampler = EpochShuffleSampler(len(split), seed, on_epoch=dataset.start_epoch)
         if self._resume_position is not None:
             sampler.resume_at(*self._resume_position)
             self._resume_position = None
-        return self._loader(dataset, sampler, seed, batches=self.batches_per_pack)
+        return self._loader(dataset, sampler, seed)
 
     # --- mid-epoch resume: where in the epoch a checkpoint was taken ------------------------
     def state_dict(self) -> dict:
@@ -213,19 +198,13 @@ class InMemoryDataModule(L.LightningDataModule):
         if trainer is None or not trainer.training:
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        examples_done = progress.processed * self.batch_size * self.batches_per_pack
+        examples_done = progress.processed * self.batch_size
         return {"epoch": trainer.current_epoch, "examples_done": examples_done}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Resume the epoch after the examples it had done (counted in examples, so that the
-        position survives a change of ``batches_per_pack``)."""
-        if not state_dict:
-            return
-        if "examples_done" in state_dict:
-            examples_done = int(state_dict["examples_done"])
-        else:  # checkpoints written before packs counted loader batches
-            examples_done = int(state_dict["batches_done"]) * self.batch_size
-        self._resume_position = (int(state_dict["epoch"]), examples_done)
+        """Resume the epoch after the examples it had done."""
+        if state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["examples_done"]))
 
     def _eval_loader(self, split: ImageSplit | None) -> DataLoader:
         self._require_setup()
