@@ -11,8 +11,8 @@ import torch
 from vae.data import DigitsDataModule
 from vae.eval import (
     ACTIVE_UNIT_THRESHOLD,
+    ActiveUnits,
     ClassifierSettings,
-    PosteriorMeanStatistics,
     active_units,
     classifier_score,
     count_active_units,
@@ -61,27 +61,16 @@ def test_threshold_is_strict_and_burdas():
     assert count_active_units(variance, threshold=0.0) == 4
 
 
-def test_posterior_mean_statistics_survive_a_large_offset():
+def test_active_units_survive_a_large_offset():
     # Variance 0.0121 around a mean of 1000: naive float32 sums would lose it entirely.
     generator = torch.Generator().manual_seed(0)
     mu = 1000.0 + 0.11 * torch.randn(20000, 2, generator=generator, dtype=torch.float64)
-    stats = PosteriorMeanStatistics()
+    stats = ActiveUnits(2)
     for batch in mu.float().split(1000):
         stats.update(batch)
     reference = mu.float().double().var(0, unbiased=False)
-    torch.testing.assert_close(stats.variance, reference, rtol=1e-6, atol=1e-9)
-    assert count_active_units(stats.variance) == 2
-
-
-def test_posterior_mean_statistics_refuse_bad_input():
-    stats = PosteriorMeanStatistics()
-    with pytest.raises(ValueError, match="no posterior means"):
-        _ = stats.variance
-    with pytest.raises(ValueError, match="mu must have shape"):
-        stats.update(torch.zeros(3))
-    stats.update(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="4 latent dimensions"):
-        stats.update(torch.zeros(2, 4))
+    torch.testing.assert_close(stats.variance(), reference, rtol=1e-6, atol=1e-9)
+    assert int(stats.compute()) == 2
 
 
 def one_hot(labels, num_classes=10):
@@ -223,17 +212,3 @@ def test_classifier_settings_name_the_bad_key(key, value):
 def test_fid_is_skipped_with_a_one_line_reason_when_weights_are_missing():
     reason = fid_unavailable_reason()
     assert reason is None or (reason.startswith("FID skipped: ") and "\n" not in reason)
-
-
-def test_posterior_mean_statistics_reduced_over_processes_equal_one_pass():
-    """Two 'processes' each see half the data; summing their statistics gives the whole."""
-    mu = torch.randn(40, 3, dtype=torch.float64) * torch.tensor([0.05, 1.0, 3.0])
-    whole, halves = PosteriorMeanStatistics(), [PosteriorMeanStatistics() for _ in range(2)]
-    whole.update(mu)
-    halves[0].update(mu[:25])
-    halves[1].update(mu[25:])
-    packed = []  # each process's packed sums, as the all-reduce would receive them
-    halves[1].reduce(lambda t: packed.append(t) or t)
-    halves[0].reduce(lambda t: t + packed[0])  # the all-reduce seen from process 0
-    assert halves[0].count == 40
-    torch.testing.assert_close(halves[0].variance, whole.variance)

@@ -6,10 +6,10 @@ wires them to a run directory. Units: nats per example unless a name says otherw
 
 from vae.eval.active_units import (
     ACTIVE_UNIT_THRESHOLD,
-    PosteriorMeanStatistics,
     active_units,
     count_active_units,
 )
+from vae.eval.epoch_statistics import ActiveUnits, CodeUsage, CodeUsageResult, KLPerDimension
 from vae.eval.nll import (
     ImportanceWeightedBounds,
     bernoulli_nll_per_sample,
@@ -33,10 +33,13 @@ from vae.eval.sample_scores import (
 )
 
 __all__ = [
+    "ActiveUnits",
+    "CodeUsage",
+    "CodeUsageResult",
+    "KLPerDimension",
     "ACTIVE_UNIT_THRESHOLD",
     "ClassifierSettings",
     "ImportanceWeightedBounds",
-    "PosteriorMeanStatistics",
     "SampleClassifier",
     "active_units",
     "bernoulli_nll_per_sample",

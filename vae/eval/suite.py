@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vae.eval.active_units import PosteriorMeanStatistics, count_active_units
+from vae.eval.epoch_statistics import ActiveUnits
 from vae.eval.nll import importance_weighted_bounds
 from vae.eval.sample_scores import (
     classifier_score,
@@ -84,12 +84,15 @@ def gaussian_vae_metrics(
     * ``test/num_examples`` and ``test/importance_samples`` (k), to state the protocol.
     """
     means = _Means()
-    posterior_means = PosteriorMeanStatistics()
+    posterior_means = None  # ActiveUnits, once the latent size is known
     for x in batches:
         bounds = importance_weighted_bounds(model, x, k, chunk_size, generator)
         means.count += x.shape[0]
         means.add(nll_iw=bounds.nll_iw, recon=bounds.recon, kl_per_dim=bounds.kl_per_dim)
-        posterior_means.update(model.encode(x)[0])
+        mu = model.encode(x)[0]
+        if posterior_means is None:  # this process's split only: no sync across processes
+            posterior_means = ActiveUnits(mu.shape[1], sync_on_compute=False).to(mu.device)
+        posterior_means.update(mu)
         if progress is not None:
             progress(means.count)
     if means.count == 0:
@@ -107,7 +110,7 @@ def gaussian_vae_metrics(
         tags.TEST_KL: kl,
         tags.TEST_KL_PER_DIM: kl_per_dim.tolist(),
         **_bits_per_dim(model, nll_iw),
-        tags.TEST_ACTIVE_UNITS: count_active_units(posterior_means.variance),
+        tags.TEST_ACTIVE_UNITS: int(posterior_means.compute()),
         tags.TEST_NUM_EXAMPLES: means.count,
         tags.TEST_IMPORTANCE_SAMPLES: k,
     }
