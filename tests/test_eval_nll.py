@@ -15,13 +15,12 @@ import torch
 from torch import nn
 
 from vae.eval import (
-    bernoulli_nll_per_sample,
     diagonal_gaussian_log_density,
     importance_weighted_bounds,
     importance_weighted_nll,
     standard_normal_log_density,
 )
-from vae.losses import bernoulli_nll, gaussian_nll
+from vae.losses import gaussian_nll
 from vae.models import GaussianVAE
 
 DTYPE = torch.float64
@@ -174,54 +173,25 @@ def test_gaussian_log_densities_match_torch_distributions():
     torch.testing.assert_close(standard_normal_log_density(z), prior.log_prob(z).sum(-1))
 
 
-@pytest.mark.parametrize("scale", [1.0, 30.0, 200.0])
-def test_fast_bernoulli_nll_equals_the_loss_library(scale):
-    generator = torch.Generator().manual_seed(0)
-    logits = scale * torch.randn(4, 7, 784, generator=generator)
-    targets = torch.rand(4, 784, generator=generator)
-    targets[:2] = targets[:2].round()  # binary and grey-level rows
-    fast = bernoulli_nll_per_sample(logits, targets)
-    reference = bernoulli_nll(
-        logits.reshape(28, 784), targets.unsqueeze(1).expand(4, 7, 784).reshape(28, 784)
-    ).view(4, 7)
-    torch.testing.assert_close(fast, reference, rtol=2e-5, atol=1e-3)
-
-
-class _GenericPath(nn.Module):
-    """Hides ``likelihood_name`` so the model's own reconstruction_nll is used."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def encode(self, x):
-        return self.model.encode(x)
-
-    def decode(self, z):
-        return self.model.decode(z)
-
-    def reconstruction_nll(self, params, x):
-        return self.model.reconstruction_nll(params, x)
-
-
-# k = 50 with chunks of 16: the last, shorter chunk reuses the decoder's buffers in part.
-@pytest.mark.parametrize("k", [64, 50])
-def test_bernoulli_vae_fast_path_equals_the_models_own_likelihood(k):
-    """The fast route (reused decoder buffers, logits overwritten as scratch, grouped logs)
-    against the model's own decode and BCE, sample for sample."""
+def test_a_bernoulli_vae_estimate_is_reproducible_and_chunking_only_changes_the_draws():
     torch.manual_seed(0)
     model = GaussianVAE(image_shape=(1, 8, 8), hidden_dims=[32], latent_dim=4).eval()
     x = torch.bernoulli(torch.rand(6, 1, 8, 8))
-    before = {name: t.clone() for name, t in model.state_dict().items()}
-    fast = importance_weighted_bounds(model, x, k, 16, torch.Generator().manual_seed(5))
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, before[name]), f"{name} changed: the scratch space leaked"
-    slow = importance_weighted_bounds(
-        _GenericPath(model), x, k, 16, torch.Generator().manual_seed(5)
-    )
-    for a, b in zip(fast, slow, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    assert fast.nll_iw.shape == (6,) and bool((fast.nll_iw <= -fast.elbo + 1e-3).all())
+
+    def bounds(chunk_size, seed=5):
+        return importance_weighted_bounds(
+            model, x, 50, chunk_size, torch.Generator().manual_seed(seed)
+        )
+
+    first, again = bounds(16), bounds(16)  # 50 = 3 chunks of 16 and one of 2
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    assert first.nll_iw.shape == first.recon.shape == (6,) and first.kl_per_dim.shape == (6, 4)
+    # L_k is a log-mean-exp of the same log weights whose mean is the ELBO estimate (up to the
+    # KL being exact rather than sampled), so it sits above it.
+    assert bool((first.nll_iw <= -first.elbo + 1e-3).all())
+    other = bounds(7, seed=6)
+    torch.testing.assert_close(other.nll_iw, first.nll_iw, rtol=0, atol=1.0)
 
 
 @pytest.mark.parametrize(
@@ -240,17 +210,12 @@ def test_a_model_without_the_protocol_is_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bernoulli_vae_fast_path_on_cuda_equals_the_generic_path():
-    """The GPU route of the fast path (addmm/log into reused buffers) against the generic one."""
+def test_a_bernoulli_vae_on_cuda_agrees_with_cpu_within_noise():
     torch.manual_seed(0)
-    model = GaussianVAE(image_shape=(1, 8, 8), hidden_dims=[32], latent_dim=4).eval().cuda()
-    x = torch.bernoulli(torch.rand(6, 1, 8, 8)).cuda()
-    fast = importance_weighted_bounds(
-        model, x, 50, 16, torch.Generator(device="cuda").manual_seed(5)
-    )
-    slow = importance_weighted_bounds(
-        _GenericPath(model), x, 50, 16, torch.Generator(device="cuda").manual_seed(5)
-    )
-    for a, b in zip(fast, slow, strict=True):
-        assert a.is_cuda
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    model = GaussianVAE(image_shape=(1, 8, 8), hidden_dims=[32], latent_dim=4).eval()
+    x = torch.bernoulli(torch.rand(6, 1, 8, 8))
+    on_cpu = importance_weighted_nll(model, x, 2000, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    on_cuda = importance_weighted_nll(model.cuda(), x.cuda(), 2000, generator=generator)
+    assert on_cuda.is_cuda
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=0, atol=0.1)

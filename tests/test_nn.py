@@ -68,41 +68,6 @@ def test_decoder_keeps_extra_leading_dims(arch):
     torch.testing.assert_close(out[2], decoder(z[2]))
 
 
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "gelu", "silu", "tanh"])
-def test_forward_into_equals_forward_and_reuses_its_buffers(activation):
-    torch.manual_seed(0)
-    decoder = MLPDecoder(LATENT_DIM, [8, 16], (1, 7, 9), activation=activation)
-    buffers: dict = {}
-    z = torch.randn(BATCH, 6, LATENT_DIM)
-    out = decoder.forward_into(z, buffers)
-    torch.testing.assert_close(out, decoder(z), rtol=0, atol=1e-6)
-    assert not out.requires_grad
-    held = {index: tensor.data_ptr() for index, tensor in buffers.items()}
-    assert len(held) == 3  # one per Linear layer
-    shorter = torch.randn(BATCH, 4, LATENT_DIM)  # a last, shorter chunk
-    out = decoder.forward_into(shorter, buffers)
-    assert out.shape == (BATCH, 4, 1, 7, 9)
-    torch.testing.assert_close(out, decoder(shorter), rtol=0, atol=1e-6)
-    assert {index: tensor.data_ptr() for index, tensor in buffers.items()} == held
-    assert out.data_ptr() == held[max(held)], "the result is a view of the last buffer"
-    # A larger chunk gets new buffers and still the same numbers.
-    larger = torch.randn(BATCH, 9, LATENT_DIM)
-    torch.testing.assert_close(
-        decoder.forward_into(larger, buffers), decoder(larger), rtol=0, atol=1e-6
-    )
-
-
-def test_gaussian_vae_decode_with_buffers_matches_and_conv_ignores_them():
-    from vae.models import GaussianVAE
-
-    torch.manual_seed(0)
-    for arch in ["mlp", "conv"]:
-        model = GaussianVAE(image_shape=(1, 8, 8), arch=arch, hidden_dims=[8], latent_dim=3)
-        z = torch.randn(2, 5, 3)
-        with torch.no_grad():
-            torch.testing.assert_close(model.decode(z, buffers={}), model.decode(z))
-
-
 def test_hidden_dims_from_hydra_listconfig():
     hidden_dims = OmegaConf.create({"h": [8, 16]}).h
     mu, _ = build_encoder("conv", (1, 28, 28), hidden_dims, LATENT_DIM)(torch.rand(2, 1, 28, 28))

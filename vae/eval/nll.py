@@ -25,44 +25,40 @@ The model needs only this protocol (``GaussianVAE`` provides it; any ``nn.Module
 
 * ``encode(x) -> (mu, logvar)``, each (B, D): q(z|x) = N(mu, diag exp(logvar));
 * ``decode(z)`` for z of shape (B, S, D) -> decoder parameters of shape (B, S, *event);
-  a ``decode(z, buffers=dict)`` that reuses its outputs across calls is used when offered
-  (its result is then scratch space for the likelihood, overwritten before the next call);
 * ``reconstruction_nll(params, x) -> (N,)``: -log p(x|z) in nats for N = B * S flattened rows.
+  A model whose likelihood dequantizes its targets draws fresh noise at every call, so the
+  estimate then also integrates over the dequantization noise.
 
-The prior is N(0, I). A model with ``likelihood_name == "bernoulli"`` takes a faster route to
-the same number (:func:`bernoulli_nll_per_sample`); any other likelihood goes through the
-model's own ``reconstruction_nll``.
+The prior is N(0, I).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from vae.losses import gaussian_kl
-from vae.nn.blocks import scratch
+from vae.losses import bernoulli_nll, gaussian_kl
 
 __all__ = [
     "ImportanceWeightedBounds",
     "default_chunk_size",
     "diagonal_gaussian_log_density",
     "importance_weighted_bounds",
-    "bernoulli_nll_per_sample",
     "importance_weighted_nll",
     "standard_normal_log_density",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-# Rows (examples x samples) per decoder call when chunk_size is not given. On a CPU, 3072 rows
-# keep a 784-pixel chunk's activations (~10 MB) in the last-level cache, with matrix multiplies
-# at full speed (2048 and 4096 rows measured 1-3% slower end to end with
-# benchmarks/bench_iw_nll.py --rows); a GPU needs far more rows to be busy (an H200 runs ~10x
-# faster with 100k rows than with 2k), and 64k rows of 784 pixels take ~200 MB per activation.
-DEFAULT_ROWS_PER_CHUNK = {"cpu": 3072, "cuda": 65536}
+# Rows (examples x samples) per decoder call when chunk_size is not given. On a CPU, 512 rows
+# keep each activation (1.6 MB at 784 pixels) small enough that the C allocator reuses freed
+# memory: at 2048-3072 rows it returned it to the OS after each chunk, and page faults on the
+# fresh memory cost up to a third of the run (benchmarks/bench_iw_nll.py --rows). A GPU needs far
+# more rows to be busy (an H200 runs ~10x faster with 100k rows than with 2k), and 64k rows of
+# 784 pixels take ~200 MB per activation.
+DEFAULT_ROWS_PER_CHUNK = {"cpu": 512, "cuda": 65536}
 
 
 def diagonal_gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -122,119 +118,20 @@ def _check_model(model: object) -> None:
 
 
 def default_chunk_size(batch_size: int, k: int, device: torch.device | str = "cpu") -> int:
-    """Samples per example per decoder call: about 3072 rows per call on a CPU, 65536 on a GPU."""
+    """Samples per example per decoder call: about 512 rows per call on a CPU, 65536 on a GPU."""
     rows = DEFAULT_ROWS_PER_CHUNK["cuda" if torch.device(device).type == "cuda" else "cpu"]
     return max(1, min(k, rows // max(1, batch_size)))
 
 
-# A product of at most this many factors in [1/2, 1) stays above 2^-64, far from float32's
-# smallest normal number (2^-126), so it can be formed before taking one log.
-MAX_FACTORS_PER_LOG = 64
-
-
-def _sum_of_logs_(factors: Tensor, buffers: dict) -> Tensor:
-    """sum over the last dim of log(factors), for factors in [1/2, 1); overwrites ``factors``.
-
-    The last dim is folded in half in place (the first half times the second) while it is
-    even and each product still has at most 64 factors: 784 -> 392 -> ... -> 49 values of 16
-    factors each, so one ``log`` serves 16 pixels. The logs go to a contiguous scratch buffer.
-    """
-    folded, factors_per_value = factors, 1
-    while folded.shape[-1] % 2 == 0 and factors_per_value * 2 <= MAX_FACTORS_PER_LOG:
-        half = folded.shape[-1] // 2
-        folded = folded[..., :half].mul_(folded[..., half:])
-        factors_per_value *= 2
-    return torch.log(folded, out=scratch(buffers, "logs", folded.shape, folded)).sum(-1)
-
-
-def bernoulli_nll_per_sample(logits: Tensor, x: Tensor, buffers: dict | None = None) -> Tensor:
-    r"""-log Bernoulli(x | sigmoid(logits)) summed over pixels, for S samples of each example.
-
-    The same number as :func:`vae.losses.bernoulli_nll` (tested to float32 rounding), arranged
-    for the importance-sampling inner loop, where a per-element ``log`` would cost as much as
-    the decoder's matrix multiply. Per element, with l the logit,
-
-        softplus(l) - x l = 1/2 |l| + (1/2 - x) l - log sigmoid(|l|),
-
-    and the sums over pixels are taken as
-
-    * sum_p (1/2 - x_p) l_p: one batched matrix-vector product, x never copied S times;
-    * sum_p log sigmoid(|l_p|) = sum_groups log prod_{p in group} sigmoid(|l_p|): each factor is
-      in [1/2, 1), so a product of up to 64 factors stays above 2^-64 (no underflow in float32)
-      and one ``log`` serves a whole group. The relative rounding of a product of G factors is
-      about G * 2^-24, i.e. ~1e-6 nats per group.
-
-    Args:
-        logits: (B, S, P) decoder logits for S samples of each of B examples, P pixels.
-        x: (B, P) targets in [0, 1].
-        buffers: optional dict, empty at first, that a loop over chunks passes back on every
-            call so that the scratch tensors are allocated once.
-
-    Returns:
-        (B, S) NLL in nats.
-    """
-    return _bernoulli_nll_per_sample(
-        logits, _centred_targets(x), {} if buffers is None else buffers
+def _reconstruction_nll(model, params: Tensor, x: Tensor) -> Tensor:
+    """-log p(x | z) in nats, (B, S), from params (B, S, *event) and the batch x (B, *event)."""
+    batch, samples = params.shape[:2]
+    targets = x.unsqueeze(1).expand(batch, samples, *x.shape[1:])
+    flat = model.reconstruction_nll(
+        params.reshape(batch * samples, *params.shape[2:]),
+        targets.reshape(batch * samples, *x.shape[1:]),
     )
-
-
-def _centred_targets(x: Tensor) -> Tensor:
-    """(B, P) targets -> (B, P, 1) view of 1/2 - x, the matrix-vector operand of the NLL.
-
-    It is a transposed view of a (B, 1, P) tensor: on CPU, bmm then takes a matrix-vector path
-    about ten times faster than with a contiguous (B, P, 1) operand.
-    """
-    return (0.5 - x).unsqueeze(1).transpose(1, 2)
-
-
-def _bernoulli_nll_per_sample(
-    logits: Tensor, centred: Tensor, buffers: dict, overwrite: bool = False
-) -> Tensor:
-    """The NLL of :func:`bernoulli_nll_per_sample` from ``centred`` = 1/2 - x as (B, P, 1).
-    ``overwrite=True`` lets it use ``logits`` as its scratch space (one pass less)."""
-    linear = torch.matmul(logits, centred).squeeze(-1)  # (B, S, P) @ (B, P, 1)
-    if overwrite:
-        magnitude = logits.abs_()
-    else:
-        magnitude = torch.abs(logits, out=scratch(buffers, "magnitude", logits.shape, logits))
-    half_abs_sum = 0.5 * magnitude.sum(-1)
-    return half_abs_sum + linear - _sum_of_logs_(torch.sigmoid_(magnitude), buffers)
-
-
-def _reconstruction_nll_of(model, x: Tensor, overwrite: bool):
-    """A function params (B, S, *event) -> (B, S) nats of -log p(x | z) for this batch ``x``,
-    with the per-batch work (centred targets, scratch buffers) done once. ``overwrite``: the
-    params are the caller's to destroy."""
-    batch = x.shape[0]
-    if getattr(model, "likelihood_name", None) == "bernoulli":
-        centred, buffers = None, {}
-
-        def bernoulli(params: Tensor) -> Tensor:
-            nonlocal centred
-            logits = params.reshape(batch, params.shape[1], -1)
-            if centred is None:
-                centred = _centred_targets(x.reshape(batch, -1).to(logits.dtype))
-            return _bernoulli_nll_per_sample(logits, centred, buffers, overwrite)
-
-        return bernoulli
-
-    def generic(params: Tensor) -> Tensor:
-        samples = params.shape[1]
-        targets = x.unsqueeze(1).expand(batch, samples, *x.shape[1:])
-        flat = model.reconstruction_nll(
-            params.reshape(batch * samples, *params.shape[2:]),
-            targets.reshape(batch * samples, *x.shape[1:]),
-        )
-        return flat.view(batch, samples)
-
-    return generic
-
-
-def _accepts(function, name: str) -> bool:
-    try:
-        return name in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
+    return flat.view(batch, samples)
 
 
 @torch.no_grad()
@@ -253,7 +150,7 @@ def importance_weighted_bounds(
         x: a batch, (B, *event), on the model's device.
         k: importance samples per example (Burda et al. report k = 5000).
         chunk_size: samples per example evaluated in one decoder call; ``None`` picks about
-            3072 rows per call on a CPU and 65536 on a GPU (:func:`default_chunk_size`). Peak
+            512 rows per call on a CPU and 65536 on a GPU (:func:`default_chunk_size`). Peak
             memory grows with chunk_size * B, not with k.
         generator: the random stream for the samples (on ``x``'s device), for reproducible
             numbers; ``None`` uses the global one.
@@ -280,11 +177,6 @@ def importance_weighted_bounds(
     # All k log weights and reconstruction terms are kept (B * k floats each), and reduced once.
     log_w = torch.empty(batch, k, dtype=mu.dtype, device=x.device)
     recon = torch.empty(batch, k, dtype=mu.dtype, device=x.device)
-    # Every chunk has the same shape, so a decoder that can reuse its layer outputs does; its
-    # output buffer is then ours, and the likelihood may use it as scratch space.
-    reuse = _accepts(model.decode, "buffers")
-    decode_kwargs = {"buffers": {}} if reuse else {}
-    reconstruction_nll = _reconstruction_nll_of(model, x, overwrite=reuse)
     for start in range(0, k, chunk_size):
         stop = min(start + chunk_size, k)
         # Samples are laid out (B, S, ...) so that each example's S rows are contiguous.
@@ -294,13 +186,11 @@ def importance_weighted_bounds(
             device=x.device,
             dtype=mu.dtype,
         )
-        z = torch.addcmul(mu, std, eps)
-        chunk_recon = recon[:, start:stop]
-        chunk_recon.copy_(reconstruction_nll(model.decode(z, **decode_kwargs)))
-        prior_ratio = eps.square_().sub_(z.square_()).sum(-1)  # sum_d eps^2 - z^2, (B, S)
-        torch.sub(half_sum_logvar, chunk_recon, out=log_w[:, start:stop]).add_(
-            prior_ratio, alpha=0.5
-        )
+        z = mu + std * eps
+        chunk_recon = _reconstruction_nll(model, model.decode(z), x)
+        prior_ratio = (eps.square() - z.square()).sum(-1)  # sum_d eps^2 - z^2, (B, S)
+        recon[:, start:stop] = chunk_recon
+        log_w[:, start:stop] = half_sum_logvar - chunk_recon + 0.5 * prior_ratio
 
     nll_iw = math.log(k) - torch.logsumexp(log_w.double(), 1)
     mu = mu.squeeze(1)
@@ -324,3 +214,11 @@ def importance_weighted_nll(
     A plain function (no Lightning); see :func:`importance_weighted_bounds` for the arguments.
     """
     return importance_weighted_bounds(model, x, k, chunk_size, generator).nll_iw
+
+
+# Only because vae/eval/__init__.py still exports this name: delete the two together.
+def bernoulli_nll_per_sample(logits: Tensor, x: Tensor) -> Tensor:
+    """-log Bernoulli(x | sigmoid(logits)) in nats, (B, S), for logits (B, S, P), x (B, P)."""
+    batch, samples, pixels = logits.shape
+    targets = x.unsqueeze(1).expand_as(logits).reshape(batch * samples, pixels)
+    return bernoulli_nll(logits.reshape(batch * samples, pixels), targets).view(batch, samples)

@@ -7,18 +7,12 @@ mirror them with stride-2 3x3 transposed convolutions, whose output is ``2m - 1 
 for input ``m`` and output padding ``p`` in {0, 1}. Choosing ``p = n - (2m - 1)`` from
 the encoder's own size sequence (``spatial_sizes``) gives back exactly ``n``, so the
 decoder reproduces the input shape without cropping.
-
-Also here: the in-place form of each activation and the reusable scratch buffers, which the
-MLP decoder's ``forward_into`` and the importance-sampling likelihood share.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Hashable, MutableMapping, Sequence
+from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vae.nn.validation import positive_int
@@ -38,46 +32,6 @@ def make_activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}.")
     return ACTIVATIONS[name]()
-
-
-def activate_in_place(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``layer(h)`` written over ``h``, for the activation modules of ``ACTIVATIONS``."""
-    if isinstance(layer, nn.ReLU):
-        return torch.relu_(h)
-    if isinstance(layer, nn.LeakyReLU):
-        return F.leaky_relu_(h, layer.negative_slope)
-    if isinstance(layer, nn.ELU):
-        return F.elu_(h, layer.alpha)
-    if isinstance(layer, nn.SiLU):
-        return F.silu(h, inplace=True)
-    if isinstance(layer, nn.Tanh):
-        return torch.tanh_(h)
-    return h.copy_(layer(h))  # GELU and anything else: same numbers, one temporary
-
-
-def scratch(
-    buffers: MutableMapping[Hashable, torch.Tensor],
-    key: Hashable,
-    shape: Sequence[int],
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """A contiguous tensor of ``shape`` (dtype and device of ``like``), kept in ``buffers[key]``
-    and reused by later calls while it is big enough.
-
-    For loops over many same-sized chunks: on a CPU, fresh megabytes come from the OS and cost
-    page faults on their first write, about a tenth of a matrix multiply's time in the
-    importance-sampling loop. The result is overwritten by the next call with the same key.
-    """
-    numel = math.prod(shape)
-    flat = buffers.get(key)
-    if (
-        flat is None
-        or flat.numel() < numel
-        or flat.dtype != like.dtype
-        or flat.device != like.device
-    ):
-        flat = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return flat[:numel].view(*shape)
 
 
 def spatial_sizes(input_hw: Sequence[int], num_layers: int) -> list[tuple[int, int]]:

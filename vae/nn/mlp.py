@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vae.nn.blocks import activate_in_place, make_activation, scratch
+from vae.nn.blocks import make_activation
 from vae.nn.validation import (
     check_images,
     check_latent,
@@ -102,33 +102,3 @@ class MLPDecoder(nn.Module):
         importance samples) are kept."""
         batch_shape = check_latent(z, self.latent_dim)
         return self.net(z.reshape(-1, self.latent_dim)).reshape(*batch_shape, *self.output_shape)
-
-    @torch.no_grad()
-    def forward_into(self, z: torch.Tensor, buffers: dict[int, torch.Tensor]) -> torch.Tensor:
-        """``forward(z)`` without autograd, each layer writing into a buffer kept in ``buffers``.
-
-        For loops that decode many same-sized batches (importance sampling): on a CPU, a fresh
-        multi-megabyte output is new memory from the OS each time, and touching it for the
-        first time costs about a tenth of the matrix multiply it holds. Reusing the buffers
-        gives the same numbers (``addmm`` is what ``nn.Linear`` runs) without that cost.
-
-        Args:
-            z: (..., latent_dim).
-            buffers: a dict owned by the caller, empty at first and passed back on every call
-                (see ``vae.nn.blocks.scratch``); the result is a view of one of its tensors,
-                overwritten by the next call.
-        """
-        batch_shape = check_latent(z, self.latent_dim)
-        h = z.reshape(-1, self.latent_dim)
-        for index, layer in enumerate(self.net):
-            if isinstance(layer, nn.Linear):
-                out = scratch(buffers, index, (h.shape[0], layer.out_features), h)
-                if layer.bias is None:
-                    h = torch.mm(h, layer.weight.t(), out=out)
-                else:
-                    h = torch.addmm(layer.bias, h, layer.weight.t(), out=out)
-            elif isinstance(layer, nn.Unflatten):
-                continue  # the final reshape below does it
-            else:
-                h = activate_in_place(layer, h)
-        return h.reshape(*batch_shape, *self.output_shape)
