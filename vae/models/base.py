@@ -88,6 +88,10 @@ class LatentVariableModule(pl.LightningModule):
         x = batch[0]
         loss, self.step_terms = self.compute_terms(x, step=self.global_step)
         scalars = {tags.tag("train", n): self.step_terms[n] for n in self.train_scalar_names()}
+        # x value: the optimizer steps done once this batch's step is taken (Lightning's own is
+        # one less). So whatever is logged after a checkpoint at step G lies above G, and a
+        # resumed run's purge (events from G + 1 on) removes exactly the stale tail.
+        scalars["step"] = float(self.global_step + 1)
         self.log_dict(scalars, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
