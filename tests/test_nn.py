@@ -225,31 +225,40 @@ def test_networks_run_on_cuda(arch):
 
 
 @pytest.mark.parametrize("bad_arch", ["resnet", "MLP", ""])
-def test_unknown_arch_names_config_key_and_choices(bad_arch):
+def test_unknown_arch_names_the_argument_and_choices(bad_arch):
     for build in (
         lambda: build_encoder(bad_arch, (1, 8, 8), [8], LATENT_DIM),
         lambda: build_decoder(bad_arch, LATENT_DIM, [8], (1, 8, 8)),
     ):
-        with pytest.raises(ValueError, match=r"model\.arch.*\['conv', 'mlp'\]"):
+        with pytest.raises(ValueError, match=r"argument 'arch' must be one of \['conv', 'mlp'\]"):
             build()
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 @pytest.mark.parametrize("latent_dim", [0, -2, 2.5, True, "4"])
-def test_bad_latent_dim_names_config_key(arch, latent_dim):
-    with pytest.raises(ValueError, match=r"model\.latent_dim"):
+def test_bad_latent_dim_names_the_argument(arch, latent_dim):
+    with pytest.raises(ValueError, match=r"build_encoder: argument 'latent_dim'"):
         build_encoder(arch, (1, 8, 8), [8], latent_dim)
-    with pytest.raises(ValueError, match=r"model\.latent_dim"):
+    with pytest.raises(ValueError, match=r"build_decoder: argument 'latent_dim'"):
         build_decoder(arch, latent_dim, [8], (1, 8, 8))
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 @pytest.mark.parametrize("hidden_dims", [[], [0], [16, -1], "32", 32, [8.5]])
-def test_bad_hidden_dims_names_config_key(arch, hidden_dims):
-    with pytest.raises(ValueError, match=r"model\.hidden_dims"):
+def test_bad_hidden_dims_names_the_argument(arch, hidden_dims):
+    with pytest.raises(ValueError, match=r"argument 'hidden_dims' must be a non-empty list"):
         build_encoder(arch, (1, 8, 8), hidden_dims, LATENT_DIM)
-    with pytest.raises(ValueError, match=r"model\.hidden_dims"):
+    with pytest.raises(ValueError, match=r"argument 'hidden_dims' must be a non-empty list"):
         build_decoder(arch, LATENT_DIM, hidden_dims, (1, 8, 8))
+
+
+def test_a_network_error_names_the_class_and_argument_not_a_config_key():
+    with pytest.raises(ValueError) as error:
+        MLPEncoder((1, 8, 8), [], out_dim=None)
+    assert str(error.value) == (
+        "MLPEncoder: argument 'hidden_dims' must be a non-empty list of positive ints such as "
+        "[256, 128], got []."
+    )
 
 
 def test_image_too_small_for_conv_layers_names_hidden_dims():
@@ -280,7 +289,7 @@ def test_image_too_small_for_conv_layers_names_hidden_dims():
         (lambda: build_encoder("mlp", (1, 8, 8), [8], 2, logvar_clamp=(5, -5)), "logvar_clamp"),
         (lambda: build_encoder("mlp", (1, 8, 8), [8], 2, logvar_clamp=(1,)), "logvar_clamp"),
         (lambda: MLPEncoder((1, 8, 8), [8], out_dim=0), "out_dim"),
-        (lambda: VQEncoder((1, 8, 8), [8], code_dim=0), r"model\.code_dim"),
+        (lambda: VQEncoder((1, 8, 8), [8], code_dim=0), "VQEncoder: argument 'code_dim'"),
         (lambda: VQDecoder(4, [8], (1, 8, 8), num_res_blocks=-1), "num_blocks"),
         (lambda: VQEncoder((1, 8, 8), [8], 4, res_hidden=0), "hidden_channels"),
         (lambda: GaussianEncoder(nn.Flatten(), 0, 2), "feature_dim"),

@@ -431,9 +431,9 @@ def test_bf16_autocast_gives_the_float32_results():
         ({"dead_code_threshold": 0}, "dead_code_threshold"),
     ],
 )
-def test_bad_arguments_name_the_key(kwargs, match):
+def test_bad_arguments_name_the_argument(kwargs, match):
     arguments = {"num_codes": 4, "code_dim": 2, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"VectorQuantizer: argument '{match}'"):
         VectorQuantizer(**arguments)
 
 

@@ -41,8 +41,8 @@ def spatial_sizes(input_hw: Sequence[int], num_layers: int) -> list[tuple[int, i
     would not downsample any more, so that case raises ``ValueError``: the image is too
     small for that many layers (e.g. an 8x8 image allows at most 3).
     """
-    height = positive_int(input_hw[0], "input height")
-    width = positive_int(input_hw[1], "input width")
+    height = positive_int(input_hw[0], "spatial_sizes", "input_hw[0]")
+    width = positive_int(input_hw[1], "spatial_sizes", "input_hw[1]")
     num_layers = int(num_layers)
     if num_layers < 0:
         raise ValueError(f"num_layers must be >= 0, got {num_layers}.")
@@ -51,9 +51,9 @@ def spatial_sizes(input_hw: Sequence[int], num_layers: int) -> list[tuple[int, i
         h, w = sizes[-1]
         if h < 2 or w < 2:
             raise ValueError(
-                f"hidden_dims (config key model.hidden_dims) asks for {num_layers} stride-2 conv "
-                f"layers, but a {height}x{width} image is already {h}x{w} before layer "
-                f"{layer + 1}; use at most {layer} entries in hidden_dims for this image size."
+                f"hidden_dims asks for {num_layers} stride-2 conv layers, but a {height}x{width} "
+                f"image is already {h}x{w} before layer {layer + 1}; use at most {layer} "
+                f"entries in hidden_dims for this image size."
             )
         sizes.append(((h + 1) // 2, (w + 1) // 2))
     return sizes
@@ -97,8 +97,8 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, channels: int, hidden_channels: int) -> None:
         super().__init__()
-        channels = positive_int(channels, "channels")
-        hidden_channels = positive_int(hidden_channels, "hidden_channels")
+        channels = positive_int(channels, "ResidualBlock", "channels")
+        hidden_channels = positive_int(hidden_channels, "ResidualBlock", "hidden_channels")
         self.residual = nn.Sequential(
             nn.ReLU(),
             nn.Conv2d(channels, hidden_channels, kernel_size=3, padding=1),
@@ -119,7 +119,9 @@ class ResidualStack(nn.Module):
     def __init__(self, channels: int, hidden_channels: int, num_blocks: int) -> None:
         super().__init__()
         if isinstance(num_blocks, bool) or int(num_blocks) != num_blocks or num_blocks < 0:
-            raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}.")
+            raise ValueError(
+                f"ResidualStack: argument 'num_blocks' must be an integer >= 0, got {num_blocks!r}."
+            )
         self.blocks = nn.Sequential(
             *(ResidualBlock(channels, hidden_channels) for _ in range(int(num_blocks)))
         )

@@ -1,5 +1,5 @@
-"""Build the Gaussian VAE's encoder and decoder from the config keys ``model.arch``,
-``model.hidden_dims`` and ``model.latent_dim``.
+"""Build the Gaussian VAE's encoder and decoder from an architecture name, ``"mlp"`` or
+``"conv"`` (``conf/model/vae.yaml`` calls these as partial Hydra targets).
 
 ``hidden_dims`` lists the hidden layers in encoder order, input side first; the decoder
 mirrors it. For ``arch="mlp"`` they are the widths of the fully connected hidden layers;
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from vae.nn.conv import HIDDEN_DIMS_NAME, ConvDecoder, ConvEncoder
+from vae.nn.conv import ConvDecoder, ConvEncoder
 from vae.nn.gaussian import GaussianEncoder
 from vae.nn.mlp import MLPDecoder, MLPEncoder
 from vae.nn.validation import positive_int, positive_int_list
@@ -22,9 +22,11 @@ ENCODERS = {"mlp": MLPEncoder, "conv": ConvEncoder}
 DECODERS = {"mlp": MLPDecoder, "conv": ConvDecoder}
 
 
-def _check_arch(arch: str) -> str:
+def _check_arch(arch: str, owner: str) -> str:
     if arch not in ENCODERS:
-        raise ValueError(f"model.arch must be one of {sorted(ENCODERS)}, got {arch!r}.")
+        raise ValueError(
+            f"{owner}: argument 'arch' must be one of {sorted(ENCODERS)}, got {arch!r}."
+        )
     return arch
 
 
@@ -38,9 +40,9 @@ def build_encoder(
 ) -> GaussianEncoder:
     """Return a ``GaussianEncoder`` whose forward maps (B, C, H, W) to ``(mu, logvar)``, each
     (B, latent_dim). See ``GaussianEncoder`` for ``logvar_clamp`` (off by default)."""
-    arch = _check_arch(arch)
-    latent_dim = positive_int(latent_dim, "latent_dim (config key model.latent_dim)")
-    hidden_dims = positive_int_list(hidden_dims, HIDDEN_DIMS_NAME)
+    arch = _check_arch(arch, "build_encoder")
+    latent_dim = positive_int(latent_dim, "build_encoder", "latent_dim")
+    hidden_dims = positive_int_list(hidden_dims, "build_encoder", "hidden_dims")
     body = ENCODERS[arch](input_shape, hidden_dims, out_dim=None, activation=activation)
     return GaussianEncoder(body, body.out_dim, latent_dim, logvar_clamp=logvar_clamp)
 
@@ -53,7 +55,7 @@ def build_decoder(
     activation: str = "relu",
 ) -> nn.Module:
     """Return a decoder mapping z (..., latent_dim) to raw outputs (..., C, H, W)."""
-    arch = _check_arch(arch)
-    latent_dim = positive_int(latent_dim, "latent_dim (config key model.latent_dim)")
-    hidden_dims = positive_int_list(hidden_dims, HIDDEN_DIMS_NAME)
+    arch = _check_arch(arch, "build_decoder")
+    latent_dim = positive_int(latent_dim, "build_decoder", "latent_dim")
+    hidden_dims = positive_int_list(hidden_dims, "build_decoder", "hidden_dims")
     return DECODERS[arch](latent_dim, hidden_dims, output_shape, activation=activation)

@@ -23,8 +23,6 @@ from vae.nn.validation import (
     positive_int_list,
 )
 
-HIDDEN_DIMS_NAME = "hidden_dims (config key model.hidden_dims)"
-
 
 class ConvEncoder(nn.Module):
     """(B, C, H, W) -> stride-2 convs with activation -> flatten -> linear (B, out_dim).
@@ -50,8 +48,8 @@ class ConvEncoder(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        self.input_shape = image_shape(input_shape, "input_shape")
-        hidden_dims = positive_int_list(hidden_dims, HIDDEN_DIMS_NAME)
+        self.input_shape = image_shape(input_shape, "ConvEncoder", "input_shape")
+        hidden_dims = positive_int_list(hidden_dims, "ConvEncoder", "hidden_dims")
         height, width = spatial_sizes(self.input_shape[1:], len(hidden_dims))[-1]
         layers: list[nn.Module] = []
         channels = self.input_shape[0]
@@ -62,7 +60,7 @@ class ConvEncoder(nn.Module):
         self.feature_shape = (channels, height, width)
         features = math.prod(self.feature_shape)
         if out_dim is not None:
-            out_dim = positive_int(out_dim, "out_dim")
+            out_dim = positive_int(out_dim, "ConvEncoder", "out_dim")
             layers.append(nn.Linear(features, out_dim))
             features = out_dim
         self.out_dim = features
@@ -90,9 +88,9 @@ class ConvDecoder(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        self.latent_dim = positive_int(latent_dim, "latent_dim (config key model.latent_dim)")
-        hidden_dims = positive_int_list(hidden_dims, HIDDEN_DIMS_NAME)
-        self.output_shape = image_shape(output_shape, "output_shape")
+        self.latent_dim = positive_int(latent_dim, "ConvDecoder", "latent_dim")
+        hidden_dims = positive_int_list(hidden_dims, "ConvDecoder", "hidden_dims")
+        self.output_shape = image_shape(output_shape, "ConvDecoder", "output_shape")
         sizes = spatial_sizes(self.output_shape[1:], len(hidden_dims))
         start_shape = (hidden_dims[-1], *sizes[-1])
         layers: list[nn.Module] = [

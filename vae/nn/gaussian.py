@@ -38,9 +38,12 @@ class GaussianEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(body, nn.Module):
-            raise ValueError(f"body must be a torch.nn.Module, got {type(body).__name__}.")
-        self.feature_dim = positive_int(feature_dim, "feature_dim")
-        self.latent_dim = positive_int(latent_dim, "latent_dim (config key model.latent_dim)")
+            raise ValueError(
+                f"GaussianEncoder: argument 'body' must be a torch.nn.Module, "
+                f"got {type(body).__name__}."
+            )
+        self.feature_dim = positive_int(feature_dim, "GaussianEncoder", "feature_dim")
+        self.latent_dim = positive_int(latent_dim, "GaussianEncoder", "latent_dim")
         self.logvar_clamp = _check_clamp(logvar_clamp)
         self.body = body
         self.mu_head = nn.Linear(self.feature_dim, self.latent_dim)
@@ -70,9 +73,12 @@ def _check_clamp(logvar_clamp: Sequence[float] | None) -> tuple[float, float] | 
         low, high = (float(v) for v in logvar_clamp)
     except (TypeError, ValueError):
         raise ValueError(
-            f"logvar_clamp must be None or a pair (low, high) of numbers such as (-10, 10), "
-            f"got {logvar_clamp!r}."
+            f"GaussianEncoder: argument 'logvar_clamp' must be None or a pair (low, high) of "
+            f"numbers such as (-10, 10), got {logvar_clamp!r}."
         ) from None
     if math.isnan(low) or math.isnan(high) or not low < high:
-        raise ValueError(f"logvar_clamp must satisfy low < high, got ({low}, {high}).")
+        raise ValueError(
+            f"GaussianEncoder: argument 'logvar_clamp' must satisfy low < high, "
+            f"got ({low}, {high})."
+        )
     return low, high

@@ -41,11 +41,9 @@ class MLPEncoder(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        self.input_shape = image_shape(input_shape, "input_shape")
+        self.input_shape = image_shape(input_shape, "MLPEncoder", "input_shape")
         hidden_dims = positive_int_list(
-            hidden_dims,
-            "hidden_dims (config key model.hidden_dims)",
-            allow_empty=out_dim is not None,
+            hidden_dims, "MLPEncoder", "hidden_dims", allow_empty=out_dim is not None
         )
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(self.input_shape)
@@ -53,7 +51,7 @@ class MLPEncoder(nn.Module):
             layers += [nn.Linear(width, hidden), make_activation(activation)]
             width = hidden
         if out_dim is not None:
-            out_dim = positive_int(out_dim, "out_dim")
+            out_dim = positive_int(out_dim, "MLPEncoder", "out_dim")
             layers.append(nn.Linear(width, out_dim))
             width = out_dim
         self.out_dim = width
@@ -81,11 +79,9 @@ class MLPDecoder(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        self.latent_dim = positive_int(latent_dim, "latent_dim (config key model.latent_dim)")
-        hidden_dims = positive_int_list(
-            hidden_dims, "hidden_dims (config key model.hidden_dims)", allow_empty=True
-        )
-        self.output_shape = image_shape(output_shape, "output_shape")
+        self.latent_dim = positive_int(latent_dim, "MLPDecoder", "latent_dim")
+        hidden_dims = positive_int_list(hidden_dims, "MLPDecoder", "hidden_dims", allow_empty=True)
+        self.output_shape = image_shape(output_shape, "MLPDecoder", "output_shape")
         layers: list[nn.Module] = []
         width = self.latent_dim
         for hidden in reversed(hidden_dims):

@@ -30,10 +30,10 @@ class CodePrior(nn.Module):
     Args:
         num_codes: K, the codebook size of the VQ-VAE.
         grid_shape: (h, w) of the code grid.
-        dim: width of the transformer (``model.dim``).
-        depth: number of layers (``model.depth``).
-        heads: attention heads; must divide ``dim`` (``model.heads``).
-        dropout: dropout inside the layers (``model.dropout``).
+        dim: width of the transformer.
+        depth: number of layers.
+        heads: attention heads; must divide ``dim``.
+        dropout: dropout inside the layers, in [0, 1).
     """
 
     def __init__(
@@ -46,23 +46,27 @@ class CodePrior(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.num_codes = positive_int(num_codes, "num_codes")
+        self.num_codes = positive_int(num_codes, "CodePrior", "num_codes")
         if len(grid_shape) != 2:
-            raise ValueError(f"grid_shape must be (height, width), got {tuple(grid_shape)}.")
+            raise ValueError(
+                f"CodePrior: argument 'grid_shape' must be (height, width), "
+                f"got {tuple(grid_shape)}."
+            )
         self.grid_shape = (
-            positive_int(grid_shape[0], "grid_shape[0]"),
-            positive_int(grid_shape[1], "grid_shape[1]"),
+            positive_int(grid_shape[0], "CodePrior", "grid_shape[0]"),
+            positive_int(grid_shape[1], "CodePrior", "grid_shape[1]"),
         )
         self.length = self.grid_shape[0] * self.grid_shape[1]
-        dim = positive_int(dim, "dim (config key model.dim)")
-        depth = positive_int(depth, "depth (config key model.depth)")
-        heads = positive_int(heads, "heads (config key model.heads)")
+        dim = positive_int(dim, "CodePrior", "dim")
+        depth = positive_int(depth, "CodePrior", "depth")
+        heads = positive_int(heads, "CodePrior", "heads")
         if dim % heads:
             raise ValueError(
-                f"dim (model.dim={dim}) must be divisible by heads (model.heads={heads})."
+                f"CodePrior: argument 'dim' ({dim}) must be divisible by argument 'heads' "
+                f"({heads})."
             )
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout (model.dropout) must be in [0, 1), got {dropout}.")
+            raise ValueError(f"CodePrior: argument 'dropout' must be in [0, 1), got {dropout}.")
         self.start_token = self.num_codes  # one extra embedding row
         self.token_embedding = nn.Embedding(self.num_codes + 1, dim)
         self.position_embedding = nn.Parameter(torch.zeros(self.length, dim))
@@ -118,9 +122,11 @@ class CodePrior(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Code grids (num_samples, h, w) drawn position by position from p(c_t | c_<t)."""
-        num_samples = positive_int(num_samples, "num_samples")
+        num_samples = positive_int(num_samples, "CodePrior.sample", "num_samples")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+            raise ValueError(
+                f"CodePrior.sample: argument 'temperature' must be > 0, got {temperature}."
+            )
         device = self.position_embedding.device
         tokens = torch.full((num_samples, 1), self.start_token, dtype=torch.long, device=device)
         for _ in range(self.length):

@@ -196,7 +196,7 @@ def nearest_codes(points: Tensor, codebook: Tensor, chunk_size: int = DEFAULT_CH
             f"points and codebook must both be float32 or both float64, got {points.dtype} and "
             f"{codebook.dtype}."
         )
-    chunk_size = positive_int(chunk_size, "chunk_size")
+    chunk_size = positive_int(chunk_size, "nearest_codes", "chunk_size")
     num_points, code_dim = points.shape
     indices = torch.empty(num_points, dtype=torch.long, device=points.device)
     if num_points == 0:
@@ -402,22 +402,23 @@ def broadcast_from_first(tensor: Tensor) -> Tensor:
 # --- the module ------------------------------------------------------------------------------
 
 
-def _check_number(value: float, name: str, low: float, high: float, closed_high: bool) -> float:
-    value = float(value)
-    upper_ok = value <= high if closed_high else value < high
-    if not (value >= low and upper_ok):
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}.")
-    return value
+def _check_number(value: float, name: str, low: float, high: float) -> float:
+    """``value`` as a float in [low, high), else ``ValueError`` naming the argument."""
+    number = float(value)
+    if not low <= number < high:
+        raise ValueError(
+            f"VectorQuantizer: argument '{name}' must be in [{low}, {high}), got {value!r}."
+        )
+    return number
 
 
 class VectorQuantizer(nn.Module):
     """Nearest-code quantizer with straight-through gradients; see the module docstring.
 
     Args:
-        num_codes: K, the number of codes (config key ``model.num_codes``).
-        code_dim: D, the size of each code (``model.code_dim``).
-        commitment: beta, the weight of the commitment term (``model.commitment``).
+        num_codes: K, the number of codes.
+        code_dim: D, the size of each code.
+        commitment: beta >= 0, the weight of the commitment term.
         ema: learn the codebook by exponential moving averages instead of the codebook loss.
         decay: EMA decay in [0, 1).
         eps: Laplace smoothing of the EMA counts, > 0.
@@ -446,28 +447,23 @@ class VectorQuantizer(nn.Module):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
-        self.num_codes = positive_int(num_codes, "num_codes (config key model.num_codes)")
-        self.code_dim = positive_int(code_dim, "code_dim (config key model.code_dim)")
-        self.commitment = _check_number(
-            commitment, "commitment (config key model.commitment)", 0.0, float("inf"), False
-        )
+        self.num_codes = positive_int(num_codes, "VectorQuantizer", "num_codes")
+        self.code_dim = positive_int(code_dim, "VectorQuantizer", "code_dim")
+        self.commitment = _check_number(commitment, "commitment", 0.0, float("inf"))
         self.ema = bool(ema)
-        self.decay = _check_number(decay, "decay (config key model.decay)", 0.0, 1.0, False)
+        self.decay = _check_number(decay, "decay", 0.0, 1.0)
         self.eps = float(eps)
         if not self.eps > 0:
-            raise ValueError(f"eps (config key model.eps) must be > 0, got {eps}.")
-        if dead_code_threshold is not None:
+            raise ValueError(f"VectorQuantizer: argument 'eps' must be > 0, got {eps!r}.")
+        if dead_code_threshold is not None:  # None turns dead-code tracking off
             dead_code_threshold = positive_int(
-                dead_code_threshold,
-                "dead_code_threshold (config key model.dead_code_threshold; null turns it off)",
+                dead_code_threshold, "VectorQuantizer", "dead_code_threshold"
             )
         self.dead_code_threshold = dead_code_threshold
         self.restart_dead_codes = bool(restart_dead_codes)
         self.kmeans_init = bool(kmeans_init)
-        self.kmeans_iters = positive_int(
-            kmeans_iters, "kmeans_iters (config key model.kmeans_iters)"
-        )
-        self.chunk_size = positive_int(chunk_size, "chunk_size")
+        self.kmeans_iters = positive_int(kmeans_iters, "VectorQuantizer", "kmeans_iters")
+        self.chunk_size = positive_int(chunk_size, "VectorQuantizer", "chunk_size")
 
         # Small codes, as in the paper's reference setting: every code starts near the origin.
         initial = torch.empty(self.num_codes, self.code_dim).uniform_(
@@ -499,7 +495,8 @@ class VectorQuantizer(nn.Module):
         if z.dim() < 2 or z.shape[1] != self.code_dim:
             raise ValueError(
                 f"z must be channels-first (batch, code_dim={self.code_dim}, *spatial), got shape "
-                f"{tuple(z.shape)}; check that the encoder's output channels equal model.code_dim."
+                f"{tuple(z.shape)}; check that the encoder's output channels equal the "
+                "quantizer's code_dim."
             )
         if z.numel() == 0:
             raise ValueError(f"z must not be empty, got shape {tuple(z.shape)}.")

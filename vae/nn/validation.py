@@ -1,7 +1,9 @@
 """Argument checks shared by the networks.
 
-Each check raises ``ValueError`` whose message names the argument (and, where the
-argument comes from the Hydra config, the config key) and says how to fix it.
+Each check raises ``ValueError`` with a message that starts with the class and the argument,
+e.g. ``MLPEncoder: argument 'hidden_dims' must be a non-empty list of positive ints, got []``.
+The networks know nothing of the Hydra config: ``vae.training.config`` names the config key
+of a bad value before any network is built.
 """
 
 from __future__ import annotations
@@ -10,41 +12,52 @@ import operator
 from collections.abc import Sequence
 
 
-def positive_int(value: object, name: str) -> int:
-    """Return ``value`` as an ``int`` if it is an integer > 0, else raise ``ValueError``."""
+def _as_positive_int(value: object) -> int | None:
+    """``value`` as an int if it is an integer > 0 (not a bool), else None."""
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive integer, got the bool {value!r}.")
+        return None
     try:
         number = operator.index(value)
     except TypeError:
-        raise ValueError(
-            f"{name} must be a positive integer, got {value!r} of type {type(value).__name__}."
-        ) from None
-    if number <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {number}.")
+        return None
+    return number if number > 0 else None
+
+
+def positive_int(value: object, owner: str, name: str) -> int:
+    """Return ``value`` as an ``int`` if it is an integer > 0, else raise ``ValueError``."""
+    number = _as_positive_int(value)
+    if number is None:
+        raise ValueError(f"{owner}: argument '{name}' must be a positive integer, got {value!r}.")
     return number
 
 
-def positive_int_list(values: object, name: str, *, allow_empty: bool = False) -> list[int]:
-    """Return ``values`` as a list of positive ints; reject strings, scalars and (by default) ``[]``."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+def positive_int_list(
+    values: object, owner: str, name: str, *, allow_empty: bool = False
+) -> list[int]:
+    """``values`` as a list of positive ints; strings, scalars and (by default) ``[]`` fail."""
+    numbers = None
+    if not isinstance(values, (str, bytes)) and isinstance(values, Sequence):
+        numbers = [_as_positive_int(v) for v in values]
+    if numbers is None or None in numbers or not (numbers or allow_empty):
+        kind = "a list" if allow_empty else "a non-empty list"
         raise ValueError(
-            f"{name} must be a list of positive integers such as [32, 64], got {values!r}."
+            f"{owner}: argument '{name}' must be {kind} of positive ints such as [256, 128], "
+            f"got {values!r}."
         )
-    values = list(values)
-    if not values and not allow_empty:
-        raise ValueError(f"{name} must not be empty; give at least one width, e.g. [256].")
-    return [positive_int(v, f"{name}[{i}]") for i, v in enumerate(values)]
+    return numbers
 
 
-def image_shape(shape: object, name: str) -> tuple[int, int, int]:
+def image_shape(shape: object, owner: str, name: str) -> tuple[int, int, int]:
     """Return ``shape`` as ``(C, H, W)``: exactly three positive ints, channels first."""
-    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) != 3:
+    numbers = None
+    if not isinstance(shape, (str, bytes)) and isinstance(shape, Sequence) and len(shape) == 3:
+        numbers = [_as_positive_int(v) for v in shape]
+    if numbers is None or None in numbers:
         raise ValueError(
-            f"{name} must be an image shape (channels, height, width) such as (1, 28, 28), "
-            f"got {shape!r}."
+            f"{owner}: argument '{name}' must be an image shape (channels, height, width) of "
+            f"positive ints such as (1, 28, 28), got {shape!r}."
         )
-    channels, height, width = (positive_int(v, f"{name}[{i}]") for i, v in enumerate(shape))
+    channels, height, width = numbers
     return channels, height, width
 
 

@@ -15,10 +15,7 @@ import torch
 from torch import nn
 
 from vae.nn.blocks import ResidualStack, downsample_conv, spatial_sizes, upsample_conv
-from vae.nn.conv import HIDDEN_DIMS_NAME
 from vae.nn.validation import check_images, image_shape, positive_int, positive_int_list
-
-CODE_DIM_NAME = "code_dim (config key model.code_dim)"
 
 
 class VQEncoder(nn.Module):
@@ -43,9 +40,9 @@ class VQEncoder(nn.Module):
         res_hidden: int = 32,
     ) -> None:
         super().__init__()
-        self.input_shape = image_shape(input_shape, "input_shape")
-        hidden_dims = positive_int_list(hidden_dims, HIDDEN_DIMS_NAME)
-        code_dim = positive_int(code_dim, CODE_DIM_NAME)
+        self.input_shape = image_shape(input_shape, "VQEncoder", "input_shape")
+        hidden_dims = positive_int_list(hidden_dims, "VQEncoder", "hidden_dims")
+        code_dim = positive_int(code_dim, "VQEncoder", "code_dim")
         self.grid_shape = spatial_sizes(self.input_shape[1:], len(hidden_dims))[-1]
         self.latent_shape = (code_dim, *self.grid_shape)
         layers: list[nn.Module] = []
@@ -84,9 +81,9 @@ class VQDecoder(nn.Module):
         res_hidden: int = 32,
     ) -> None:
         super().__init__()
-        code_dim = positive_int(code_dim, CODE_DIM_NAME)
-        hidden_dims = positive_int_list(hidden_dims, HIDDEN_DIMS_NAME)
-        self.output_shape = image_shape(output_shape, "output_shape")
+        code_dim = positive_int(code_dim, "VQDecoder", "code_dim")
+        hidden_dims = positive_int_list(hidden_dims, "VQDecoder", "hidden_dims")
+        self.output_shape = image_shape(output_shape, "VQDecoder", "output_shape")
         sizes = spatial_sizes(self.output_shape[1:], len(hidden_dims))
         self.latent_shape = (code_dim, *sizes[-1])
         layers: list[nn.Module] = [
