@@ -44,7 +44,7 @@ DEFAULT_METRICS = (
 DEFAULT_CURVES = ("train/loss", "val/elbo", "val/kl", "val/recon")
 # Config keys that differ between runs without saying anything about the experiment: the same
 # ones vae-train leaves out of the HParams record (where files go, logging, callbacks).
-IGNORED_PREFIXES = ("paths.", "hydra.", "callbacks.", "logger.", "trainer_guard.")
+IGNORED_PREFIXES = ("paths.", "hydra.", "callbacks.", "logger.", "eval.")
 IGNORED_KEYS = frozenset({"trainer.default_root_dir", "ckpt_path"})
 EVENT_FILE_PREFIX = "events.out.tfevents"
 METRICS_FILE = "metrics.json"
