@@ -56,7 +56,7 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    with _config_errors():
+    with _config_errors(cfg):
         datamodule = instantiate(cfg.data, _convert_="all")
         # Read the data now, before any logger or checkpoint exists: a missing or damaged
         # dataset then fails with nothing written (Lightning's own setup() call does nothing).
@@ -154,9 +154,12 @@ def _evaluate_test_split(model, datamodule, settings: DictConfig, trainer) -> di
 
 
 @contextlib.contextmanager
-def _config_errors():
-    """A ValueError raised while building an object from config (it names the key, e.g.
-    ``model.hidden_dims``) becomes a ConfigError: a one-line message, not a traceback."""
+def _config_errors(cfg: DictConfig):
+    """A ValueError raised while building an object from config becomes a ConfigError: one
+    line, not a traceback. The networks name their constructor arguments; where such an
+    argument is also a key of the model or data config, the message names that Hydra key."""
+    import re
+
     from hydra.errors import InstantiationException
 
     from vae.training.config import ConfigError
@@ -167,9 +170,16 @@ def _config_errors():
         cause = err.__cause__
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
-        if isinstance(cause, ValueError) and not isinstance(cause, ConfigError):
-            raise ConfigError(str(cause)) from None
-        raise
+        if not isinstance(cause, ValueError) or isinstance(cause, ConfigError):
+            raise
+        keys = [
+            f"{section}.{name}"
+            for name in dict.fromkeys(re.findall(r"\w+", str(cause)))
+            for section in ("model", "data")
+            if name in (cfg.get(section) or {})
+        ]
+        hint = f" (config key {', '.join(keys)})" if keys else ""
+        raise ConfigError(f"{cause}{hint}") from None
 
 
 register_resolvers()

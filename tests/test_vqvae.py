@@ -212,7 +212,7 @@ def test_code_prior_rejects_wrong_grids_and_heads():
     prior = CodePrior(4, (2, 2), dim=8, depth=1, heads=2)
     with pytest.raises(ValueError, match=r"\(batch, 2, 2\)"):
         prior(torch.zeros(1, 3, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="model.heads"):
+    with pytest.raises(ValueError, match="argument 'heads'"):
         CodePrior(4, (2, 2), dim=10, depth=1, heads=3)
 
 

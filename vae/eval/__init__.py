@@ -12,7 +12,6 @@ from vae.eval.active_units import (
 from vae.eval.epoch_statistics import ActiveUnits, CodeUsage, CodeUsageResult, KLPerDimension
 from vae.eval.nll import (
     ImportanceWeightedBounds,
-    bernoulli_nll_per_sample,
     diagonal_gaussian_log_density,
     importance_weighted_bounds,
     importance_weighted_nll,
@@ -42,7 +41,6 @@ __all__ = [
     "ImportanceWeightedBounds",
     "SampleClassifier",
     "active_units",
-    "bernoulli_nll_per_sample",
     "classifier_score",
     "count_active_units",
     "diagonal_gaussian_log_density",

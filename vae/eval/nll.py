@@ -215,10 +215,3 @@ def importance_weighted_nll(
     """
     return importance_weighted_bounds(model, x, k, chunk_size, generator).nll_iw
 
-
-# Only because vae/eval/__init__.py still exports this name: delete the two together.
-def bernoulli_nll_per_sample(logits: Tensor, x: Tensor) -> Tensor:
-    """-log Bernoulli(x | sigmoid(logits)) in nats, (B, S), for logits (B, S, P), x (B, P)."""
-    batch, samples, pixels = logits.shape
-    targets = x.unsqueeze(1).expand_as(logits).reshape(batch * samples, pixels)
-    return bernoulli_nll(logits.reshape(batch * samples, pixels), targets).view(batch, samples)
