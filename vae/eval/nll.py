@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from vae.losses import bernoulli_nll, gaussian_kl
+from vae.losses import gaussian_kl
 
 __all__ = [
     "ImportanceWeightedBounds",
