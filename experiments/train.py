@@ -10,7 +10,6 @@ training step in ``vae.models``, and run directories in ``vae.training.runs``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -46,7 +45,7 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         read_checkpoint,
         remove_stale_temporaries,
     )
-    from vae.training.config import apply_aliases, validate_config
+    from vae.training.config import apply_aliases, config_errors, validate_config
     from vae.training.runs import resumed_run_dir, write_metrics
     from vae.training.tensorboard import flatten_config, log_hparams
 
@@ -56,7 +55,7 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    with _config_errors(cfg):
+    with config_errors(cfg):
         datamodule = instantiate(cfg.data, _convert_="all")
         # Read the data now, before any logger or checkpoint exists: a missing or damaged
         # dataset then fails with nothing written (Lightning's own setup() call does nothing).
@@ -114,7 +113,24 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         if hasattr(callback, "skipped_batches"):
             metrics[tags.TRAIN_SKIPPED_BATCHES] = callback.skipped_batches
     if test if test is not None else cfg.get("test", False):
-        metrics.update(_evaluate_test_split(model, datamodule, cfg.eval, trainer))
+        # The final model's test/* numbers, exactly as vae-eval computes them (the sample scores
+        # need vae-eval), at the final step.
+        from vae.eval.suite import evaluate_split
+        from vae.training.tensorboard import log_test_metrics
+
+        settings = cfg.eval
+        test_metrics = evaluate_split(
+            model.eval(),
+            datamodule.test_split.images[: settings.limit],
+            k=settings.k,
+            batch_size=settings.batch_size,
+            chunk_size=settings.chunk_size,
+            seed=settings.seed,
+            device=model.device,
+        )
+        if trainer.is_global_zero:
+            log_test_metrics(trainer.loggers, test_metrics, trainer.global_step)
+        metrics.update(test_metrics)
     metrics["epoch"] = trainer.current_epoch
     metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:
@@ -122,64 +138,6 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.finalize("success")
     return metrics
-
-
-def _evaluate_test_split(model, datamodule, settings: DictConfig, trainer) -> dict[str, Any]:
-    """The final model's ``test/*`` numbers, exactly as ``vae-eval`` computes them (only the
-    likelihood and codebook numbers; the sample scores need ``vae-eval``), written to the run's
-    loggers at the final step."""
-    import torch
-
-    from vae.eval.suite import evaluate_split
-    from vae.training import tags
-    from vae.training.tensorboard import log_histogram
-
-    metrics = evaluate_split(
-        model.eval(),
-        datamodule.test_split.images[: settings.limit],
-        k=settings.k,
-        batch_size=settings.batch_size,
-        chunk_size=settings.chunk_size,
-        seed=settings.seed,
-        device=model.device,
-    )
-    if trainer.is_global_zero:
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
-        if tags.TEST_KL_PER_DIM in metrics:
-            values = torch.tensor(metrics[tags.TEST_KL_PER_DIM])
-            log_histogram(trainer.loggers, tags.TEST_KL_PER_DIM, values, trainer.global_step)
-    return metrics
-
-
-@contextlib.contextmanager
-def _config_errors(cfg: DictConfig):
-    """A ValueError raised while building an object from config becomes a ConfigError: one
-    line, not a traceback. The networks name their constructor arguments; where such an
-    argument is also a key of the model or data config, the message names that Hydra key."""
-    import re
-
-    from hydra.errors import InstantiationException
-
-    from vae.training.config import ConfigError
-
-    try:
-        yield
-    except InstantiationException as err:
-        cause = err.__cause__
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if not isinstance(cause, ValueError) or isinstance(cause, ConfigError):
-            raise
-        keys = [
-            f"{section}.{name}"
-            for name in dict.fromkeys(re.findall(r"\w+", str(cause)))
-            for section in ("model", "data")
-            if name in (cfg.get(section) or {})
-        ]
-        hint = f" (config key {', '.join(keys)})" if keys else ""
-        raise ConfigError(f"{cause}{hint}") from None
 
 
 register_resolvers()

@@ -7,7 +7,9 @@ Rules apply only to keys that exist in the composed config, so one table serves 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,7 +121,9 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1"),
     Rule("trainer.log_every_n_steps", positive_int, "a positive integer"),
     Rule("seed", lambda v: v is None or _is_int(v), "an integer or null"),
-    Rule("callbacks.nonfinite_guard.skip_nonfinite", lambda v: isinstance(v, bool), "true or false"),
+    Rule(
+        "callbacks.nonfinite_guard.skip_nonfinite", lambda v: isinstance(v, bool), "true or false"
+    ),
     Rule("test", lambda v: isinstance(v, bool), "true or false"),
     Rule("eval.k", positive_int, "a positive integer, e.g. eval.k=5000"),
     Rule("eval.limit", optional(positive_int), "null or a positive integer"),
@@ -258,3 +262,28 @@ def rewrite_moved_keys(overrides: list[str]) -> list[str]:
             raise ConfigError(f"{key} no longer exists: {REMOVED_KEYS[key]}")
         rewritten.append(f"{prefix}{MOVED_KEYS.get(key, key)}{sep}{value}")
     return rewritten
+
+
+@contextlib.contextmanager
+def config_errors(cfg: DictConfig):
+    """A ValueError raised while building an object from config becomes a ConfigError: one
+    line, not a traceback. The networks name their constructor arguments; where such an
+    argument is also a key of the model or data config, the message names that Hydra key."""
+    from hydra.errors import InstantiationException
+
+    try:
+        yield
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if not isinstance(cause, ValueError) or isinstance(cause, ConfigError):
+            raise
+        keys = [
+            f"{section}.{name}"
+            for name in dict.fromkeys(re.findall(r"\w+", str(cause)))
+            for section in ("model", "data")
+            if name in (cfg.get(section) or {})
+        ]
+        hint = f" (config key {', '.join(keys)})" if keys else ""
+        raise ConfigError(f"{cause}{hint}") from None

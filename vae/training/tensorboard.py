@@ -77,3 +77,17 @@ def log_hparams(
         file_writer = writer._get_file_writer()
         for summary in (experiment, session_start, session_end):
             file_writer.add_summary(summary)
+
+
+def log_test_metrics(loggers: Iterable[Any], metrics: Mapping[str, Any], step: int) -> None:
+    """The ``test/*`` numbers of ``vae.eval.suite.evaluate_split`` into the run's TensorBoard:
+    the scalars, and ``test/kl_per_dim`` as a histogram."""
+    from vae.training import tags
+
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for logger in loggers:
+        logger.log_metrics(scalars, step=step)
+    if tags.TEST_KL_PER_DIM in metrics:
+        log_histogram(
+            loggers, tags.TEST_KL_PER_DIM, torch.tensor(metrics[tags.TEST_KL_PER_DIM]), step
+        )
