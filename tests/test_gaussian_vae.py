@@ -223,3 +223,13 @@ def test_gradient_check_leaves_fp16_overflow_to_the_grad_scaler():
     assert trainer.global_step == 3
     assert scaler.get_scale() < 2.0**60  # the scaler met inf gradients and backed off
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_a_checkpoint_of_the_old_layout_is_refused_with_a_clear_message():
+    from vae.training.checkpoints import CheckpointError, check_compatible
+
+    model = GaussianVAE(image_shape=(1, 8, 8))
+    old = {"state_dict": model.state_dict(), "hyper_parameters": {}, "model_class": "GaussianVAE"}
+    with pytest.raises(CheckpointError, match="older kl-vae .format 1"):
+        check_compatible(old, model, path="old.ckpt")
+    check_compatible({**old, "format": 2}, model)  # the current layout passes
