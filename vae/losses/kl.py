@@ -8,6 +8,12 @@ divergences follow the conventions of information theory exactly, with no epsilo
 
 Elementwise results keep the (broadcast) shape of the inputs; reduce them yourself following
 the project's units (sum over latent dimensions, mean over the batch).
+
+Inputs of different floating-point dtypes are promoted to their common dtype
+(:func:`torch.promote_types`: float32 with float64 computes in float64) *before* any
+logarithm, so equal values give exactly KL = 0 whatever their dtypes, and the result has the
+common dtype. Complex tensors and distributions over 0 outcomes are refused with a
+``ValueError`` naming the argument.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from vae.losses.validation import (
     check_all_finite,
     check_logits,
     check_probabilities,
+    common_dtype,
     normalise_event_dim,
+    promote,
     require_tensor,
     should_validate,
 )
@@ -59,11 +67,8 @@ def _unit_factor(fn: str, unit: str) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_parameter(fn: str, name: str, value: Tensor | float, like: Tensor) -> Tensor:
-    """Accept a Python number for a prior parameter, on ``like``'s dtype and device."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
-    return require_tensor(fn, name, value)
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def gaussian_kl(
@@ -95,6 +100,8 @@ def gaussian_kl(
     Args:
         mu, logvar: posterior mean and log-variance (natural log), any broadcastable shapes.
         prior_mu, prior_logvar: prior parameters, tensors or Python numbers; None means 0.
+            Tensors of different dtypes are promoted to their common dtype; a Python number
+            takes the tensors' common dtype and does not widen it (as in torch arithmetic).
         validate: check for NaN/Inf (None: use the global switch, see
             :mod:`vae.losses.validation`).
 
@@ -103,14 +110,30 @@ def gaussian_kl(
         latent dimensions to get the KL per example.
     """
     fn = "gaussian_kl"
-    tensors = {"mu": require_tensor(fn, "mu", mu), "logvar": require_tensor(fn, "logvar", logvar)}
-    if prior_mu is not None:
-        tensors["prior_mu"] = prior_mu = _as_parameter(fn, "prior_mu", prior_mu, mu)
-    if prior_logvar is not None:
-        tensors["prior_logvar"] = prior_logvar = _as_parameter(fn, "prior_logvar", prior_logvar, mu)
+    given = {"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar}
+    given = {name: value for name, value in given.items() if value is not None}
+    numbers = {
+        name for name, value in given.items() if name.startswith("prior_") and _is_number(value)
+    }
+    for name, value in given.items():
+        if name not in numbers:
+            require_tensor(fn, name, value)
+    # Promote before any arithmetic: mu**2 rounded in float32 and logvar's terms in float64
+    # would mix two precisions in one KL.
+    dtype = common_dtype(*(value for name, value in given.items() if name not in numbers))
+    tensors = {
+        name: (
+            torch.tensor(float(value), dtype=dtype, device=mu.device)
+            if name in numbers
+            else value.to(dtype)
+        )
+        for name, value in given.items()
+    }
     broadcast_shape(fn, **tensors)
     if should_validate(validate):
         check_all_finite(fn, **tensors)
+    mu, logvar = tensors["mu"], tensors["logvar"]
+    prior_mu, prior_logvar = tensors.get("prior_mu"), tensors.get("prior_logvar")
 
     log_ratio = logvar if prior_logvar is None else logvar - prior_logvar
     diff = mu if prior_mu is None else mu - prior_mu
@@ -176,6 +199,7 @@ def full_gaussian_kl(
         scale_tril_q=scale_tril_q[..., 0, 0],
         scale_tril_p=scale_tril_p[..., 0, 0],
     )
+    mu_q, scale_tril_q, mu_p, scale_tril_p = promote(mu_q, scale_tril_q, mu_p, scale_tril_p)
     scale_tril_q = scale_tril_q.tril()
     scale_tril_p = scale_tril_p.tril()
     diag_q = scale_tril_q.diagonal(dim1=-2, dim2=-1)
@@ -257,7 +281,8 @@ def _event_dim(fn: str, dim: int, shape: torch.Size, **tensors: Tensor) -> int:
 
 def _check_pair(
     fn: str, p: Tensor, q: Tensor, dim: int, validate: bool | None, names: tuple[str, str]
-) -> int:
+) -> tuple[int, Tensor, Tensor]:
+    """Check two probability tensors; return the event dim and both, broadcast and promoted."""
     p_name, q_name = names
     require_tensor(fn, p_name, p)
     require_tensor(fn, q_name, q)
@@ -266,14 +291,14 @@ def _check_pair(
     if should_validate(validate):
         check_probabilities(fn, p_name, p, event_dim)
         check_probabilities(fn, q_name, q, event_dim)
-    return event_dim
+    p, q = torch.broadcast_tensors(*promote(p, q))
+    return event_dim, p, q
 
 
 def _categorical_kl(
     p: Tensor, q: Tensor, dim: int, validate: bool | None, fn: str, names: tuple[str, str]
 ) -> Tensor:
-    event_dim = _check_pair(fn, p, q, dim, validate, names)
-    p, q = torch.broadcast_tensors(p, q)
+    event_dim, p, q = _check_pair(fn, p, q, dim, validate, names)
     return _p_log_ratio_from_probabilities(p, q).sum(event_dim)
 
 
@@ -293,6 +318,7 @@ def _categorical_kl_from_logits(
     if should_validate(validate):
         check_logits(fn, p_name, p_logits, event_dim)
         check_logits(fn, q_name, q_logits, event_dim)
+    p_logits, q_logits = promote(p_logits, q_logits)
     log_p = F.log_softmax(p_logits, dim=event_dim)
     log_q = F.log_softmax(q_logits, dim=event_dim)
     log_p, log_q = torch.broadcast_tensors(log_p, log_q)
@@ -332,6 +358,7 @@ def _categorical_kl_mixed(
         else:
             check_probabilities(fn, target_name, target, event_dim)
             check_logits(fn, predicted_name, predicted, event_dim)
+    target, predicted = promote(target, predicted)
     if target_from_logits:
         log_p = F.log_softmax(target, dim=event_dim)
         p = log_p.exp()
@@ -418,8 +445,7 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     factor = _unit_factor(fn, unit)
-    event_dim = _check_pair(fn, p, q, dim, validate, ("p", "q"))
-    p, q = torch.broadcast_tensors(p, q)
+    event_dim, p, q = _check_pair(fn, p, q, dim, validate, ("p", "q"))
     # -sum p log q = sum p * (0 - log q), with the same p == 0 / q == 0 conventions as the KL.
     h = _p_log_ratio_from_probabilities(p, q, with_log_p=False).sum(event_dim)
     return h if factor == 1.0 else h * factor

@@ -84,12 +84,41 @@ def require_tensor(fn: str, name: str, x: object) -> Tensor:
             f"{fn}: argument '{name}' must be a torch.Tensor, got {type(x).__name__}; "
             f"wrap it with torch.as_tensor(...)"
         )
-    if not (x.is_floating_point() or x.is_complex()):
+    if x.is_complex():
+        # KL, entropies and likelihoods are defined for real numbers; torch would fail later
+        # with a NotImplementedError deep inside a kernel, or silently drop the imaginary part.
+        raise ValueError(
+            f"{fn}: argument '{name}' must be a real floating-point tensor, got {x.dtype}; "
+            f"pass its real part (.real) or its magnitude (.abs()), whichever you mean"
+        )
+    if not x.is_floating_point():
         raise ValueError(
             f"{fn}: argument '{name}' must have a floating-point dtype, got {x.dtype}; "
             f"convert it with .float() or .double()"
         )
     return x
+
+
+def common_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype that :func:`torch.promote_types` gives for all of ``tensors`` together."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def promote(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` converted to their :func:`common_dtype` (no copy where already in it).
+
+    Mixed dtypes are promoted, not refused: float32 with float64 computes in float64, float16
+    with bfloat16 in float32. Every such conversion is exact (the wider type holds every value
+    of the narrower one), so promotion changes no value, only the precision of the arithmetic.
+    It must happen *before* any logarithm or softmax: computing log p in float32 and log q in
+    float64 rounds the same value two ways, and KL(p, p.double()) came out as -5.7e-8 nats.
+    After promotion equal values give log p - log q = 0 exactly, so KL(p, q) = 0 where p = q.
+    """
+    dtype = common_dtype(*tensors)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def broadcast_shape(fn: str, **tensors: Tensor) -> torch.Size:
