@@ -33,12 +33,31 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     With ``test`` (default: the config's top-level ``test`` key) the fitted model is also
     evaluated on the test split by ``vae.eval.suite.evaluate_split`` with the ``eval.*``
     settings, the same numbers ``vae-eval`` writes (the one owner of ``test/*``).
+
+    The run directory has one writer at a time: this process holds its lock
+    (``vae.training.runs.RunLock``) from start to end; a second writer is refused.
     """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from vae.training.runs import RunLock
+
+    # Rank 0 only: under DDP the other processes write into the same run through rank 0.
+    lock = RunLock(cfg.paths.output_dir).acquire() if rank_zero_only.rank == 0 else None
+    try:
+        return _train(cfg, test)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
     # Imports are deferred so that `--help` and config errors answer without loading torch.
     import lightning.pytorch as pl
     from hydra.utils import instantiate
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from vae.training import tags
+    from vae.training.callbacks import RunInterrupted
     from vae.training.checkpoints import (
         AtomicCheckpointIO,
         check_compatible,
@@ -100,7 +119,13 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
         ignored = ("callbacks.", "logger.", "paths.", "eval.")
         hparams = {k: v for k, v in flatten_config(resolved).items() if not k.startswith(ignored)}
         log_hparams(trainer.loggers, hparams, model.hparam_metric_tags())
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's own, a SystemExit without a code: not a success
+        raise RunInterrupted(
+            f"stopped by SIGTERM at step {trainer.global_step}; checkpoints/last.ckpt holds it. "
+            f"Resume with ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} and the same overrides."
+        ) from None
 
     metrics: dict[str, Any] = {
         key: float(value)
@@ -148,10 +173,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from vae.data import DatasetNotFoundError
-    from vae.training.callbacks import NonFiniteLossError
+    from vae.training.callbacks import NonFiniteLossError, RunInterrupted
     from vae.training.checkpoints import CheckpointError
     from vae.training.config import ConfigError
-    from vae.training.runs import discard_unused_outputs
+    from vae.training.runs import RunLockedError, discard_unused_outputs
 
     run_dir = Path(cfg.paths.output_dir)
     try:
@@ -159,7 +184,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except NonFiniteLossError as err:
         print(f"vae-train: error: {err}\nRun directory: {run_dir}", file=sys.stderr)
         sys.exit(3)
-    except (ConfigError, DatasetNotFoundError, CheckpointError) as err:
+    except RunInterrupted as err:
+        print(f"vae-train: {err}", file=sys.stderr)
+        sys.exit(143)  # what a death by SIGTERM reports: a chain `vae-train && ...` stops
+    except (ConfigError, DatasetNotFoundError, CheckpointError, RunLockedError) as err:
         hydra_cfg = HydraConfig.get()
         log_file = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename")
         discard_unused_outputs(run_dir, hydra_cfg.output_subdir, log_file)

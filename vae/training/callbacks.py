@@ -10,6 +10,7 @@ import time
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class TrainThroughput(pl.Callback):
@@ -113,7 +114,7 @@ class RNGStates(pl.Callback):
         self._pending = None
 
 
-class LastCheckpoint(pl.Callback):
+class LastCheckpoint(pl.callbacks.Checkpoint):
     """Keeps ``<dirpath>/last.ckpt`` the latest state: after every training epoch (after its
     validation) and every ``every_n_train_steps`` optimizer steps.
 
@@ -121,6 +122,10 @@ class LastCheckpoint(pl.Callback):
     saved a top-k checkpoint at that step, so once ``val/elbo`` stops improving its
     ``last.ckpt`` falls behind the run. Writes go through the trainer (rank 0, the atomic
     checkpoint IO of ``vae.training.checkpoints``).
+
+    A ``Checkpoint`` subclass, so that Lightning calls its epoch-end hook with the checkpoint
+    callbacks, after ``ModelCheckpoint`` (listed before it) has saved this epoch's best: the
+    saved state then knows that best, and a resumed run replaces it instead of keeping two.
     """
 
     FILENAME = "last.ckpt"
@@ -146,9 +151,19 @@ class LastCheckpoint(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning stops at a step boundary on SIGTERM (a scheduler's or `timeout`'s): keep
+        # that state, so that a resume continues from there.
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer)
+
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term or a gradient became NaN or infinite; the message names it and the step."""
+
+
+class RunInterrupted(RuntimeError):
+    """Training was stopped by a signal (SIGTERM); last.ckpt holds the state to resume from."""
 
 
 class NonFiniteGuard(pl.Callback):

@@ -11,6 +11,7 @@ import math
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Mapping
@@ -162,3 +163,75 @@ def discard_unused_outputs(run_dir: Path, config_folder: str | None, log_file: s
     produced = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
     if not produced:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# --- one writer per run directory --------------------------------------------------------------
+LOCK_FILE = ".writer.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing into the run directory; the message names it."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory: ``<run>/.writer.lock`` holds the writer's pid, host
+    and start time, created with ``O_EXCL`` so that of two writers exactly one gets it.
+
+    A lock left by a process that is gone (same host, pid no longer running, e.g. after a
+    SIGKILL) is stale and is taken over. A lock from another host cannot be checked and is
+    respected: the message says which file to delete if that writer is known to be dead.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._is_stale(holder):
+                    raise RunLockedError(self._message(holder)) from None
+                logging.getLogger(__name__).info("Taking over a stale lock: %s", holder)
+                self.path.unlink(missing_ok=True)
+                continue
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+            with os.fdopen(fd, "w") as handle:
+                json.dump(record, handle)
+            self.held = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}; another writer keeps taking it")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # half-written or unreadable: its writer died while creating it
+        return holder if isinstance(holder, dict) else None
+
+    @staticmethod
+    def _is_stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, TypeError, ValueError):
+            return False
+        return False
+
+    def _message(self, holder: dict) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+        return (
+            f"the run directory {self.path.parent} is being written by pid {holder.get('pid')} "
+            f"on host {holder.get('host')} (since {since}); one writer at a time. Wait for it to "
+            f"finish or stop it; if that process is gone, delete {self.path}."
+        )

@@ -1,0 +1,144 @@
+"""A run directory has one writer at a time, and a run stopped by SIGTERM says so.
+
+Resumes that race for one run: exactly one writes, the other is refused with a message naming
+the holder, and the run is left as the winner wrote it. A lock left by a dead writer is taken
+over. SIGTERM (a scheduler's, or `timeout`'s) exits 143, keeps last.ckpt and says how to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli import BIN, QUICK, last_line, load_events, run_cli, scalar_series
+from vae.training.checkpoints import read_checkpoint
+from vae.training.runs import LOCK_FILE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def finished_run(tmp_path: Path) -> Path:
+    proc = run_cli("vae-train", "trainer.max_epochs=1", "seed=2", *QUICK, cwd=tmp_path)
+    return tmp_path / last_line(proc.stdout)
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _resume(run_dir: Path, epochs: int, *extra: str) -> list[str]:
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    return [
+        str(BIN / "vae-train"),
+        f"trainer.max_epochs={epochs}",
+        "seed=2",
+        f"ckpt_path={ckpt}",
+        *extra,
+        *QUICK,
+    ]
+
+
+def test_a_live_writer_holds_the_run_and_a_second_is_refused_naming_it(finished_run: Path):
+    (finished_run / LOCK_FILE).write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    )
+    before = _snapshot(finished_run)
+    proc = subprocess.run(
+        _resume(finished_run, 2),
+        cwd=finished_run.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"being written by pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(finished_run) == before  # nothing written, nothing cleaned up
+
+
+def test_a_dead_writers_lock_is_taken_over(finished_run: Path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (finished_run / LOCK_FILE).write_text(
+        json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": 0})
+    )
+    proc = subprocess.run(
+        _resume(finished_run, 2),
+        cwd=finished_run.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_checkpoint(finished_run / "checkpoints" / "last.ckpt")["global_step"] == 2 * 23
+    assert not (finished_run / LOCK_FILE).exists()
+
+
+def test_two_racing_resumes_one_writes_the_other_is_refused(finished_run: Path):
+    cwd = finished_run.parents[2]
+    procs = [
+        subprocess.Popen(
+            _resume(finished_run, epochs, f"model.lr={lr}"),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for epochs, lr in ((4, 0.001), (3, 0.01))
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    winner = 4 if results[0][0] == 0 else 3
+    refused = next(err for code, err in results if code == 2)
+    assert "being written by pid" in refused
+    # The run is the winner's alone: its checkpoint, its metrics, one curve with no duplicate.
+    assert read_checkpoint(finished_run / "checkpoints" / "last.ckpt")["global_step"] == winner * 23
+    steps = [s for s, _ in scalar_series(load_events(finished_run), "val/elbo")]
+    assert steps == [23 * e for e in range(1, winner + 1)]
+    assert len(list((finished_run / "checkpoints").glob("best-*.ckpt"))) == 1
+    assert not (finished_run / LOCK_FILE).exists()
+
+
+def test_sigterm_exits_143_keeps_last_ckpt_and_says_how_to_resume(tmp_path: Path):
+    proc = subprocess.Popen(
+        [str(BIN / "vae-train"), "trainer.max_epochs=500", "seed=3", *QUICK],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("logs/vae_digits/*/checkpoints/last.ckpt")):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    (run_dir,) = tmp_path.glob("logs/vae_digits/*")
+    line = next(x for x in stderr.splitlines() if x.startswith("vae-train: stopped by SIGTERM"))
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == step
+    assert "Resume with ckpt_path=" in line and not (run_dir / LOCK_FILE).exists()
+    # The resume it suggests continues that run with no gap in its curve.
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    epochs = step // 23 + 2
+    run_cli(
+        "vae-train",
+        f"trainer.max_epochs={epochs}",
+        "seed=3",
+        f"ckpt_path={ckpt}",
+        *QUICK,
+        cwd=tmp_path,
+    )
+    steps = [s for s, _ in scalar_series(load_events(run_dir), "val/elbo")]
+    assert steps == [23 * e for e in range(1, epochs + 1)]
