@@ -6,7 +6,9 @@
 Every run under the given folders is found (a run is a folder with TensorBoard event files or
 a ``metrics.json``; multirun jobs included). Final scalars are read with TensorBoard's own
 ``EventAccumulator`` (the last value of each tag), completed by ``metrics.json``; each run's
-config comes from its ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``. Written to ``--out``:
+config comes from its ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``. A run whose files
+cannot be read (a ``metrics.json`` that is not a JSON object, a corrupt config, unreadable event
+files) is left out with a note that says why; the others are compared. Written to ``--out``:
 
 * ``runs.csv`` and ``runs.md``: the table that is also printed;
 * ``rate_distortion.png``: KL (rate) against reconstruction NLL (distortion), one labelled point
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +53,20 @@ EVENT_FILE_PREFIX = "events.out.tfevents"
 METRICS_FILE = "metrics.json"
 SKIPPED_FOLDERS = frozenset({"checkpoints", ".hydra", "comparison"})
 MISSING = "-"
+# Legend entries and point annotations: a run label is wrapped to lines of this many characters
+# and cut after this many lines (the table keeps it whole). At font size 8, 60 characters are
+# about 4 inches, so two entries fit side by side on the 12-inch learning-curves figure.
+PLOT_LABEL_WIDTH = 60
+PLOT_LABEL_LINES = 3
+LEGEND_FONT_SIZE = 8
 
 
 class CompareError(ValueError):
     """vae-compare cannot produce a table; the message says why."""
+
+
+class UnreadableRunError(ValueError):
+    """One run's files cannot be read; the run is left out and the message says why."""
 
 
 @dataclass
@@ -105,38 +118,88 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def read_config(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
-    """(flattened config as saved, the overrides) of a run; empty where the files are missing."""
-    from omegaconf import OmegaConf
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line (YAML errors span several), cut at ``limit``."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
+
+def _load_yaml(path: Path, run_dir: Path) -> Any:
+    """A run's YAML file as plain containers (interpolations left as written)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import MarkedYAMLError, YAMLError
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    # OSError: unreadable; ValueError: not UTF-8; the others: not YAML, or not OmegaConf's YAML.
+    except (OSError, ValueError, YAMLError, OmegaConfBaseException) as err:
+        where = path.relative_to(run_dir)
+        mark = getattr(err, "problem_mark", None)
+        if isinstance(err, MarkedYAMLError) and err.problem and mark:  # without the file name
+            why = f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+        else:
+            why = _one_line(err)
+        raise UnreadableRunError(f"{where} is not valid YAML ({why})") from err
+
+
+def _kind(value: Any) -> str:
+    """What a JSON or YAML value is, in the words of those formats."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "null" if value is None else type(value).__name__
+
+
+def read_config(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """(flattened config as saved, the overrides) of a run; empty where the files are missing.
+
+    Raises UnreadableRunError for a file that is not YAML or does not hold the expected kind.
+    """
     from vae.training.tensorboard import flatten_config
 
     config: dict[str, Any] = {}
     overrides: list[str] = []
     config_file = run_dir / ".hydra" / "config.yaml"
     if config_file.is_file():
-        container = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        container = _load_yaml(config_file, run_dir)
+        if not isinstance(container, dict):
+            raise UnreadableRunError(
+                f".hydra/config.yaml holds {_kind(container)}, not a mapping of config keys"
+            )
         config = flatten_config(container)
-        config = _resolve_group_choices(config, run_dir / ".hydra" / "hydra.yaml")
+        config = _resolve_group_choices(config, run_dir)
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
-        overrides = [str(o) for o in (OmegaConf.load(overrides_file) or [])]
+        saved = _load_yaml(overrides_file, run_dir)
+        if saved is not None and not isinstance(saved, list):
+            raise UnreadableRunError(
+                f".hydra/overrides.yaml holds {_kind(saved)}, not a list of overrides"
+            )
+        overrides = [str(o) for o in saved or []]
     return config, overrides
 
 
-def _resolve_group_choices(config: dict[str, Any], hydra_file: Path) -> dict[str, Any]:
+def _resolve_group_choices(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Replace ``${choice:model}`` (vae-train's default run name) by the group option the run
     used, read from the run's saved ``hydra.runtime.choices``."""
     import re
 
-    from omegaconf import OmegaConf
-
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
     if not hydra_file.is_file():
         return config
     pattern = re.compile(r"\$\{choice:([\w/]+)\}")
     if not any(isinstance(v, str) and pattern.search(v) for v in config.values()):
         return config
-    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
+    choices = _load_yaml(hydra_file, run_dir)
+    for key in ("hydra", "runtime", "choices"):
+        choices = choices.get(key) if isinstance(choices, dict) else None
+    choices = choices if isinstance(choices, dict) else {}
     return {
         key: pattern.sub(lambda m: str(choices.get(m.group(1), m.group(0))), value)
         if isinstance(value, str)
@@ -145,29 +208,63 @@ def _resolve_group_choices(config: dict[str, Any], hydra_file: Path) -> dict[str
     }
 
 
+def read_metrics_file(run_dir: Path) -> dict[str, Any]:
+    """The run's ``metrics.json`` ({} if there is none); it must hold a JSON object."""
+    metrics_file = run_dir / METRICS_FILE
+    if not metrics_file.is_file():
+        return {}
+    try:
+        saved = json.loads(metrics_file.read_text())
+    # OSError: unreadable; ValueError: not UTF-8 or not JSON (JSONDecodeError is one).
+    except (OSError, ValueError) as err:
+        raise UnreadableRunError(f"{METRICS_FILE} is not valid JSON ({_one_line(err)})") from err
+    if not isinstance(saved, dict):
+        raise UnreadableRunError(
+            f"{METRICS_FILE} holds {_kind(saved)}, not an object of metric values"
+        )
+    return saved
+
+
 def read_run(run_dir: Path) -> Run:
+    """One run's config, scalar series and final metrics.
+
+    Raises UnreadableRunError, naming the file and the problem, when one of them cannot be read.
+    """
     run = Run(path=run_dir)
     run.config, run.overrides = read_config(run_dir)
-    run.series = read_scalars(run_dir)
+    saved = read_metrics_file(run_dir)
+    try:
+        run.series = read_scalars(run_dir)
+    # TensorBoard's reader skips a corrupt record by itself; what it raises (OSError, its own
+    # errors, protobuf's DecodeError) has no common base, so any failure here means unreadable.
+    except Exception as err:
+        raise UnreadableRunError(
+            f"its event files cannot be read ({type(err).__name__}: {_one_line(err)})"
+        ) from err
     run.final = {tag: points[-1][1] for tag, points in run.series.items() if points}
-    metrics_file = run_dir / METRICS_FILE
-    if metrics_file.is_file():
-        try:
-            saved = json.loads(metrics_file.read_text())
-        except json.JSONDecodeError as err:
-            print(
-                f"vae-compare: note: {metrics_file} is not valid JSON ({err}); ignored.",
-                file=sys.stderr,
-            )
-            saved = {}
-        for key, value in saved.items():
-            if (
-                key not in run.final
-                and isinstance(value, (int, float))
-                and not isinstance(value, bool)
-            ):
-                run.final[key] = float(value)
+    for key, value in saved.items():
+        if key not in run.final and isinstance(value, (int, float)) and not isinstance(value, bool):
+            run.final[key] = float(value)
     return run
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory where it is below it, else whole."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def read_runs(paths: Sequence[Path]) -> tuple[list[Run], list[str]]:
+    """(the runs that could be read, "FOLDER: why" for each run that could not)."""
+    runs, unreadable = [], []
+    for path in paths:
+        try:
+            runs.append(read_run(path))
+        except UnreadableRunError as err:
+            unreadable.append(f"{_shown_path(path)}: {err}")
+    return runs, unreadable
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -261,6 +358,23 @@ def _pyplot():
     return plt
 
 
+def plot_label(label: str) -> str:
+    """A run label as a legend entry or a point annotation shows it: wrapped, cut after
+    PLOT_LABEL_LINES lines, and never starting with "_", which matplotlib takes to mean "leave
+    this out of the legend" (also for labels passed explicitly)."""
+    text = textwrap.fill(label, PLOT_LABEL_WIDTH, max_lines=PLOT_LABEL_LINES, placeholder=" ...")
+    return " " + text if text.startswith("_") else text
+
+
+def legend_columns(labels: Sequence[str], figure_width_inches: float) -> int:
+    """How many legend entries fit side by side: at most 4, at least 1 (0 makes matplotlib
+    raise)."""
+    widest = max((len(line) for label in labels for line in label.splitlines()), default=1)
+    # A character is ~0.6 of the font size wide; ~6 more for the line sample and the gap.
+    characters_across = figure_width_inches * 72 / (0.6 * LEGEND_FONT_SIZE)
+    return max(1, min(4, len(labels), int(characters_across // (widest + 6))))
+
+
 def plot_rate_distortion(runs: Sequence[Run], rate: str, distortion: str, path: Path) -> int:
     """Scatter of (rate, distortion) per run, labelled; returns the number of points drawn."""
     points = [
@@ -275,7 +389,9 @@ def plot_rate_distortion(runs: Sequence[Run], rate: str, distortion: str, path: 
     rates, distortions, labels = zip(*points, strict=True)
     ax.scatter(rates, distortions, s=36, zorder=3)
     for x, y, label in points:
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(
+            plot_label(label), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
     # Lines of constant -ELBO = rate + distortion: moving along one trades bits for fidelity.
     low, high = min(r + d for r, d, _ in points), max(r + d for r, d, _ in points)
     x_max = max(rates) * 1.1 + 1e-9
@@ -288,46 +404,73 @@ def plot_rate_distortion(runs: Sequence[Run], rate: str, distortion: str, path: 
     ax.set_ylabel(f"distortion: {distortion} (nats per example)")
     ax.set_title("Rate-distortion (dotted: constant -ELBO)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    # Not tight_layout: it cannot fit an annotation that runs past the axes and warns; the
+    # tight bounding box widens the saved image to take it in instead.
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return len(points)
 
 
-def plot_learning_curves(runs: Sequence[Run], tags: Sequence[str], path: Path) -> list[str]:
-    """One panel per tag that any run has; returns the tags drawn."""
-    drawn = [t for t in tags if any(t in run.series for run in runs)]
+def curve_tags(runs: Sequence[Run], tags: Sequence[str]) -> list[str]:
+    """The ``tags`` that some run has points of: the panels of the learning curves."""
+    return [tag for tag in tags if any(run.series.get(tag) for run in runs)]
+
+
+def learning_curves_figure(runs: Sequence[Run], tags: Sequence[str]):
+    """One panel per tag that any run has, one colour per run in every panel, and a legend
+    below with one entry per run drawn; None when no run has any of ``tags``."""
+    drawn = curve_tags(runs, tags)
     if not drawn:
-        return []
+        return None
     plt = _pyplot()
     columns = min(2, len(drawn))
     rows = math.ceil(len(drawn) / columns)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(6.0 * columns, 3.6 * rows), dpi=110, squeeze=False
-    )
+    width = 6.0 * columns
+    fig, axes = plt.subplots(rows, columns, figsize=(width, 3.6 * rows), dpi=110, squeeze=False)
+    # The colour is fixed per run: each panel's own colour cycle would give a run that is
+    # missing from one panel another run's colour there.
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    legend: dict[int, tuple[Any, str]] = {}  # run index -> (its first line, its legend label)
     for ax, tag in zip(axes.flat, drawn, strict=False):
-        for run in runs:
-            if tag in run.series:
+        for index, run in enumerate(runs):
+            if run.series.get(tag):
                 steps, values = zip(*run.series[tag], strict=True)
-                ax.plot(steps, values, label=run.label, marker="." if len(steps) < 30 else None)
+                label = plot_label(run.label)
+                (line,) = ax.plot(
+                    steps,
+                    values,
+                    label=label,
+                    color=colours[index % len(colours)],
+                    marker="." if len(steps) < 30 else None,
+                )
+                legend.setdefault(index, (line, label))
         ax.set_title(tag)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(drawn) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="lower center",
-        ncol=min(4, len(labels)),
-        fontsize=8,
-        bbox_to_anchor=(0.5, 0.0),
-    )
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-    return drawn
+    fig.tight_layout()
+    if legend:  # handles passed explicitly: a run missing from the first panel is listed too
+        handles, labels = zip(*(legend[i] for i in sorted(legend)), strict=True)
+        fig.legend(
+            handles,
+            labels,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),  # below the panels; savefig's tight box takes it in
+            ncol=legend_columns(labels, width),
+            fontsize=LEGEND_FONT_SIZE,
+        )
+    return fig
+
+
+def plot_learning_curves(runs: Sequence[Run], tags: Sequence[str], path: Path) -> list[str]:
+    """Write :func:`learning_curves_figure` to ``path``; returns the tags drawn."""
+    fig = learning_curves_figure(runs, tags)
+    if fig is None:
+        return []
+    fig.savefig(path, bbox_inches="tight")
+    _pyplot().close(fig)
+    return curve_tags(runs, tags)
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -346,13 +489,20 @@ def compare(
             f"no runs under {', '.join(map(str, logdirs))}: a run is a folder with TensorBoard "
             "event files or a metrics.json, as made by vae-train."
         )
-    runs = [read_run(p) for p in paths]
+    runs, unreadable = read_runs(paths)
+    if not runs:  # one line, however many runs: the first three reasons
+        more = f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        raise CompareError(
+            f"no run under {', '.join(map(str, logdirs))} can be read: "
+            + "; ".join(unreadable[:3])
+            + more
+        )
     keys = differing_keys(runs)
     name_runs(runs, keys)
     explicit = metrics is not None
     if metrics is None:  # the defaults that any run has
         metrics = [m for m in DEFAULT_METRICS if any(m in run.final for run in runs)]
-    notes = []
+    notes = [f"skipped {why}" for why in unreadable]
     for run in runs:
         if not run.config:
             notes.append(f"{run.name}: no .hydra/config.yaml, so its config is not compared.")

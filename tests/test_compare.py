@@ -1,5 +1,6 @@
 """`vae-compare` on two real tiny runs of a multirun: the differing keys, the final metrics as
-TensorBoard and metrics.json hold them, the CSV/Markdown/PNG files, and the clear messages."""
+TensorBoard and metrics.json hold them, the CSV/Markdown/PNG files, and the clear messages;
+on fake run folders: a VAE and a VQ-VAE side by side, and runs whose files are broken."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import pytest
 from matplotlib.image import imread
 
 from experiments.compare import (
+    Run,
     compare,
     differing_keys,
     find_runs,
+    learning_curves_figure,
     main,
     read_run,
     short_names,
@@ -141,3 +144,170 @@ def test_differing_keys_and_short_names(tmp_path):
         "model._target_": "model._target_",
         "model.beta": "beta",
     }
+
+
+# --- fake run folders ---------------------------------------------------------------------------
+def write_fake_run(
+    folder: Path,
+    config: object,
+    metrics: object = None,
+    curves: dict[str, list[float]] | None = None,
+) -> Path:
+    """A run folder as vae-train leaves it, written by hand: ``.hydra/config.yaml`` (JSON is
+    YAML), ``metrics.json`` and, for ``curves`` (tag -> values at steps 1, 2, ...), an event file.
+    ``config`` and ``metrics`` are written as given, so they may be lists or numbers; a ``str``
+    is written verbatim (for broken files)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    (folder / ".hydra").mkdir(parents=True)
+    as_text = lambda value: value if isinstance(value, str) else json.dumps(value)  # noqa: E731
+    (folder / ".hydra" / "config.yaml").write_text(as_text(config))
+    if metrics is not None:
+        (folder / "metrics.json").write_text(as_text(metrics))
+    if curves:
+        with SummaryWriter(str(folder)) as writer:
+            for tag, values in curves.items():
+                for step, value in enumerate(values, start=1):
+                    writer.add_scalar(tag, value, step)
+    return folder
+
+
+def vae_config(target: str, **model) -> dict:
+    return {"model": {"_target_": target, "latent_dim": 8, **model}, "seed": 0}
+
+
+CURVES = {"train/loss": [40.0, 35.0, 30.0], "val/elbo": [-38.0, -33.0], "val/kl": [2.0, 3.0]}
+METRICS = {"val/elbo": -33.0, "val/kl": 3.0, "val/recon": 30.0}
+
+
+@pytest.fixture
+def vae_and_vqvae(tmp_path) -> Path:
+    """A folder with a VAE-like and a VQ-VAE-like run: only ``model._target_`` and the keys of
+    each model differ. The VQ-VAE has no train/loss curve, the first panel of the plot."""
+    logs = tmp_path / "logs"
+    write_fake_run(logs / "vae", vae_config("vae.models.GaussianVAE", beta=1.0), METRICS, CURVES)
+    vq_curves = {tag: values for tag, values in CURVES.items() if tag != "train/loss"}
+    vq_metrics = {**METRICS, "val/perplexity": 12.0}
+    write_fake_run(logs / "vq", vae_config("vae.models.VQVAE", num_codes=16), vq_metrics, vq_curves)
+    return logs
+
+
+def legend_texts(figure) -> list[str]:
+    return [text.get_text() for legend in figure.legends for text in legend.get_texts()]
+
+
+def test_a_vae_and_a_vqvae_are_compared_with_both_in_the_legend(vae_and_vqvae, tmp_path, capsys):
+    main([str(vae_and_vqvae), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].split()[:2] == ["run", "model._target_"]
+    assert "2 runs; wrote" in captured.out and "Traceback" not in captured.err
+    for name in ("runs.csv", "runs.md", "rate_distortion.png", "learning_curves.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+
+    result = compare([vae_and_vqvae], out=tmp_path / "again")
+    figure = learning_curves_figure(result["runs"], ["train/loss", "val/elbo", "val/kl"])
+    texts = legend_texts(figure)
+    # One entry per run, also for the run that is not in the first panel.
+    assert len(texts) == 2
+    assert any("GaussianVAE" in text for text in texts) and any("VQVAE" in text for text in texts)
+    # The same run has the same colour in every panel it is drawn in.
+    colours = {}
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert len(colours) == 2 and all(len(c) == 1 for c in colours.values())
+
+
+def test_legend_keeps_labels_that_start_with_an_underscore(tmp_path):
+    """matplotlib drops a legend label that starts with "_"; with every label dropped, the old
+    legend had 0 columns and raised. Such labels are shown, and the legend has >= 1 column."""
+    runs = [
+        Run(path=tmp_path / name, label=label, series={"val/elbo": [(1, value), (2, value + 1)]})
+        for name, label, value in (
+            ("a", "_target_=vae.models.GaussianVAE", -40.0),
+            ("b", "_target_=vae.models.VQVAE", -50.0),
+        )
+    ]
+    figure = learning_curves_figure(runs, ["val/elbo", "val/kl"])
+    texts = legend_texts(figure)
+    assert [text.strip() for text in texts] == [run.label for run in runs]
+    # A very long label is wrapped and cut in the legend (the table keeps it whole).
+    runs[0].label = ", ".join(f"model.key{i}=value{i}" for i in range(60))
+    figure = learning_curves_figure(runs, ["val/elbo"])
+    first = legend_texts(figure)[0]
+    assert len(first.splitlines()) <= 3 and max(map(len, first.splitlines())) <= 60
+    assert first.startswith("model.key0=value0") and first.endswith("...")
+
+
+def test_one_legend_entry_per_run_and_no_figure_without_curves(tmp_path):
+    runs = [
+        Run(path=tmp_path / "a", label="beta=1", series={"train/loss": [(1, 3.0), (2, 2.0)]}),
+        Run(path=tmp_path / "b", label="beta=4", series={"val/elbo": [(2, -3.0)]}),
+    ]
+    assert learning_curves_figure(runs, ["val/kl"]) is None
+    # Each run is in one panel only; the legend has both, not only the first panel's.
+    figure = learning_curves_figure(runs, ["train/loss", "val/elbo"])
+    assert legend_texts(figure) == ["beta=1", "beta=4"]
+
+
+def test_runs_with_broken_files_are_skipped_with_a_note(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    for beta in (1, 4):
+        config = vae_config("vae.models.GaussianVAE", beta=beta)
+        write_fake_run(logs / f"good{beta}", config, {**METRICS, "val/kl": float(beta)}, CURVES)
+    config = vae_config("vae.models.GaussianVAE", beta=2)
+    broken = {
+        "list_metrics": (config, [1, 2, 3], "metrics.json"),
+        "number_metrics": (config, "42", "metrics.json"),
+        "invalid_json": (config, '{"val/elbo": -3', "metrics.json"),
+        "invalid_yaml": ("model: {beta: [1\n", METRICS, "config.yaml"),
+        "list_config": (["model.beta=2"], METRICS, "config.yaml"),
+    }
+    for name, (config_text, metrics, _) in broken.items():
+        write_fake_run(logs / name, config_text, metrics, CURVES)
+    main([str(logs), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "skipped" in line]
+    assert len(notes) == len(broken), captured.err
+    for name, (_, _, bad_file) in broken.items():
+        (note,) = [line for line in notes if f"/{name}:" in line]
+        assert note.startswith("vae-compare: note: skipped ") and bad_file in note, note
+    assert "Traceback" not in captured.err
+    with (tmp_path / "out" / "runs.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["run"] for row in rows) == ["good1", "good4"]
+    assert sorted(float(row["model.beta"]) for row in rows) == [1.0, 4.0]  # only good runs differ
+    assert captured.out.splitlines()[-1].startswith("2 runs; wrote")
+
+
+def test_unreadable_event_files_skip_the_run(tmp_path, monkeypatch, capsys):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    logs = tmp_path / "logs"
+    for name in ("a", "b"):
+        write_fake_run(logs / name, vae_config("vae.models.GaussianVAE"), METRICS, CURVES)
+    reload = event_accumulator.EventAccumulator.Reload
+
+    def reload_or_fail(self):
+        if self.path.endswith("/b"):
+            raise PermissionError(13, "Permission denied", self.path)
+        return reload(self)
+
+    monkeypatch.setattr(event_accumulator.EventAccumulator, "Reload", reload_or_fail)
+    main([str(logs), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    (note,) = [line for line in captured.err.splitlines() if "skipped" in line]
+    assert "/b:" in note and "event files" in note and "Permission denied" in note
+    assert captured.out.splitlines()[-1].startswith("1 runs; wrote")
+
+
+def test_only_broken_runs_is_one_line_and_exit_code_2(tmp_path):
+    logs = tmp_path / "logs"
+    write_fake_run(logs / "list_metrics", vae_config("vae.models.VQVAE"), [1, 2])
+    write_fake_run(logs / "invalid_yaml", "model: [", METRICS)
+    proc = run_cli("vae-compare", "logs", "--out", "out", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("vae-compare: error: ") and "Traceback" not in proc.stderr
+    assert "list_metrics" in line and "invalid_yaml" in line
+    assert not (tmp_path / "out").exists()
