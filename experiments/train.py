@@ -65,7 +65,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         remove_stale_temporaries,
     )
     from vae.training.config import apply_aliases, config_errors, validate_config
-    from vae.training.runs import resumed_run_dir, write_metrics
+    from vae.training.runs import keep_newer_checkpoint, resumed_run_dir, write_metrics
     from vae.training.tensorboard import flatten_config, log_hparams
 
     apply_aliases(cfg)
@@ -114,6 +114,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         # This process now owns the run: a writer killed mid-save left its temporary behind.
         for stale in remove_stale_temporaries(resumed / "checkpoints"):
             log.info("Removed %s, a checkpoint half-written when the last attempt stopped", stale)
+        keep_newer_checkpoint(resumed, Path(ckpt_path), resume_step, bool(cfg.get("rollback")))
     if resume_step is None and trainer.is_global_zero:  # a resumed run already has its record
         resolved = OmegaConf.to_container(cfg, resolve=True)
         ignored = ("callbacks.", "logger.", "paths.", "eval.")

@@ -142,3 +142,27 @@ def test_sigterm_exits_143_keeps_last_ckpt_and_says_how_to_resume(tmp_path: Path
     )
     steps = [s for s, _ in scalar_series(load_events(run_dir), "val/elbo")]
     assert steps == [23 * e for e in range(1, epochs + 1)]
+
+
+def test_resuming_from_an_older_checkpoint_is_refused_unless_asked(finished_run: Path):
+    checkpoints = finished_run / "checkpoints"
+    older = checkpoints / "older.ckpt"
+    older.write_bytes((checkpoints / "last.ckpt").read_bytes())  # step 23
+    cwd = finished_run.parents[2]
+    subprocess.run(_resume(finished_run, 2), cwd=cwd, check=True, capture_output=True)  # to 46
+    rollback = [str(BIN / "vae-train"), "trainer.max_epochs=2", "seed=2", f"ckpt_path={older}"]
+    proc = subprocess.run([*rollback, *QUICK], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "step 23, but the run's last.ckpt is at step 46" in proc.stderr
+    assert "rollback=true" in proc.stderr
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 46  # untouched
+
+    proc = subprocess.run(
+        [*rollback, "rollback=true", *QUICK], cwd=cwd, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (
+        read_checkpoint(checkpoints / "last-before-rollback-step000046.ckpt")["global_step"] == 46
+    )
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 46  # retrained 23 -> 46
+    assert len(list(checkpoints.glob("best-*.ckpt"))) == 1

@@ -235,3 +235,33 @@ class RunLock:
             f"on host {holder.get('host')} (since {since}); one writer at a time. Wait for it to "
             f"finish or stop it; if that process is gone, delete {self.path}."
         )
+
+
+def keep_newer_checkpoint(run_dir: Path, ckpt_path: Path, resume_step: int, rollback: bool) -> None:
+    """Refuse to roll a run back: resuming from a checkpoint older than the run's ``last.ckpt``
+    would overwrite it and purge the curves after the older step. With ``rollback=true`` the
+    newer one is kept as ``checkpoints/last-before-rollback-step<N>.ckpt``, and best
+    checkpoints newer than the resume step as ``before-rollback-best-*.ckpt``."""
+    from vae.training.checkpoints import CheckpointError, read_checkpoint
+
+    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+    if not last.is_file() or last.resolve() == ckpt_path.expanduser().resolve():
+        return
+    newer = int(read_checkpoint(last).get("global_step", 0))
+    if newer <= resume_step:
+        return
+    if not rollback:
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} is at step {resume_step}, but the run's last.ckpt is at step "
+            f"{newer}: resuming would roll the run back and purge its curves after step "
+            f"{resume_step}. Resume from {last}, or add rollback=true to roll back (the newer "
+            "checkpoint is then kept under another name)."
+        )
+    kept = last.with_name(f"last-before-rollback-step{newer:06d}.ckpt")
+    os.replace(last, kept)
+    # The best checkpoints of the discarded steps go aside too, so the rolled-back run keeps
+    # one best-* file of its own.
+    for best in last.parent.glob("best-*.ckpt"):
+        if int(read_checkpoint(best).get("global_step", 0)) > resume_step:
+            os.replace(best, best.with_name(f"before-rollback-{best.name}"))
+    logging.getLogger(__name__).info("Rolled back from step %d; kept %s", newer, kept)
