@@ -61,6 +61,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
     from vae.training.checkpoints import (
         AtomicCheckpointIO,
         check_compatible,
+        check_same_data,
         read_checkpoint,
         remove_stale_temporaries,
     )
@@ -93,6 +94,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
     resume_step = None
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path)
+        check_same_data(checkpoint, datamodule, path=str(ckpt_path))
         check_compatible(checkpoint, model, path=str(ckpt_path))
         resume_step = int(checkpoint.get("global_step", 0))
         del checkpoint

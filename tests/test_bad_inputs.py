@@ -90,6 +90,12 @@ CLI_CASES = [
         setup="ckpt_last",
     ),
     CliCase(
+        "checkpoint_other_data",
+        ["data.split_seed=5", "data.binarize=none"],
+        ["trained on other data", "data.split_seed: checkpoint 0, config 5", "data.binarize"],
+        setup="ckpt_last",
+    ),
+    CliCase(
         "checkpoint_other_arch",
         ["model.arch=conv", "model.hidden_dims=[8,16]"],
         ["different model config", "model.arch"],

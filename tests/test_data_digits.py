@@ -108,3 +108,27 @@ def test_hyperparameters_include_subclass_arguments():
     assert dm.hparams["batch_size"] == 32
     assert dm.hparams["val_size"] == 100
     assert dm.hparams["binarize"] == "static"
+
+
+def test_a_checkpoint_of_another_dataset_or_split_is_refused():
+    import pytest
+
+    from vae.training.checkpoints import CheckpointError, check_same_data
+
+    data = DigitsDataModule(binarize="dynamic")
+    saved = {
+        "datamodule_hparams_name": "hparams",
+        "DigitsDataModule": {},
+        "datamodule_hyper_parameters": dict(data.hparams),
+    }
+    check_same_data(saved, data)
+    check_same_data(
+        {**saved, "datamodule_hyper_parameters": {**data.hparams, "num_workers": 2}}, data
+    )  # speed only
+    other = {k: v for k, v in saved.items() if k != "DigitsDataModule"}
+    with pytest.raises(CheckpointError, match="trained on FashionMNISTDataModule"):
+        check_same_data({**other, "FashionMNISTDataModule": {}}, data)
+    with pytest.raises(CheckpointError, match="data.split_seed: checkpoint 3, config 0"):
+        check_same_data(
+            {**saved, "datamodule_hyper_parameters": {**data.hparams, "split_seed": 3}}, data
+        )

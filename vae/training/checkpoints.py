@@ -113,6 +113,42 @@ def check_compatible(checkpoint: Mapping[str, Any], model: torch.nn.Module, path
         )
 
 
+# DataModule keys that change where the data is read or how fast, not which examples are used.
+DATA_KEYS_FREE_ON_RESUME = frozenset(
+    {"root", "num_workers", "pin_memory", "download", "search_paths"}
+)
+
+
+def check_same_data(checkpoint: Mapping[str, Any], datamodule: Any, path: str = "") -> None:
+    """Raise :class:`CheckpointError` if the run would resume on other data: another dataset,
+    split, binarization or batching (every DataModule key but ``DATA_KEYS_FREE_ON_RESUME``).
+    Otherwise the resumed steps could train on the images that ``vae-eval`` tests on."""
+    where = f"ckpt_path={path}: " if path else ""
+    saved_class = checkpoint.get("datamodule_hparams_name") and next(
+        (k for k in checkpoint if k.endswith("DataModule")), None
+    )
+    if saved_class and saved_class != type(datamodule).__qualname__:
+        raise CheckpointError(
+            f"{where}the checkpoint was trained on {saved_class}, but the config gives "
+            f"{type(datamodule).__qualname__}. Use the same data=... as the original run."
+        )
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    current = dict(getattr(datamodule, "hparams", {}))
+    differing = [
+        f"data.{key}: checkpoint {saved[key]!r}, config {current[key]!r}"
+        for key in sorted(set(saved) & set(current))
+        if key not in DATA_KEYS_FREE_ON_RESUME
+        and _normalise(saved[key]) != _normalise(current[key])
+    ]
+    if differing:
+        raise CheckpointError(
+            f"{where}the checkpoint was trained on other data:\n  "
+            + "\n  ".join(differing)
+            + "\nRepeat the original run's data overrides (see .hydra/overrides.yaml in its run "
+            "directory)."
+        )
+
+
 def _normalise(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_normalise(v) for v in value]
