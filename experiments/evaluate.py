@@ -81,8 +81,17 @@ def locate_run(ckpt_path: str | None) -> tuple[Path, Path]:
             "ckpt_path is required: vae-eval ckpt_path=logs/<name>/<run>/checkpoints/last.ckpt"
         )
     path = Path(str(ckpt_path)).expanduser().resolve()
+    if not path.exists():
+        raise EvaluationError(
+            f"ckpt_path={ckpt_path} does not exist: give a checkpoint file "
+            "(<run>/checkpoints/last.ckpt or best-*.ckpt) or a run directory."
+        )
     if path.is_dir():
-        path = path / CHECKPOINT_DIR / "last.ckpt"
+        path = (
+            path / CHECKPOINT_DIR / "last.ckpt"
+            if path.name != CHECKPOINT_DIR
+            else path / "last.ckpt"
+        )
     run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
     return path, run_dir
 

@@ -233,3 +233,22 @@ def test_a_checkpoint_of_the_old_layout_is_refused_with_a_clear_message():
     with pytest.raises(CheckpointError, match="older kl-vae .format 1"):
         check_compatible(old, model, path="old.ckpt")
     check_compatible({**old, "format": 2}, model)  # the current layout passes
+
+
+def test_a_nan_before_any_checkpoint_says_none_was_written():
+    class NaNAtOnce(_NaNAtStep):
+        bad_step = 0
+
+    data = TensorDataset(torch.rand(32, 1, 8, 8).round(), torch.zeros(32, dtype=torch.long))
+    model = NaNAtOnce(image_shape=(1, 8, 8), hidden_dims=[16], latent_dim=2)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[NonFiniteGuard()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
+        trainer.fit(model, DataLoader(data, batch_size=16))

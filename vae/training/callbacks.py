@@ -6,6 +6,7 @@ import math
 import os
 import random
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -204,7 +205,7 @@ class NonFiniteGuard(pl.Callback):
         value = float(terms.get(culprit, loss).detach().float().mean())
         raise NonFiniteLossError(
             f"non-finite {culprit} ({value}) at training step {trainer.global_step} (epoch "
-            f"{trainer.current_epoch}). {self._advice('model.logvar_clamp=[-10,10], ')}"
+            f"{trainer.current_epoch}). {self._advice(trainer, 'model.logvar_clamp=[-10,10], ')}"
         )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -218,7 +219,7 @@ class NonFiniteGuard(pl.Callback):
                     raise NonFiniteLossError(
                         f"non-finite gradient of {culprit} at training step "
                         f"{trainer.global_step} (epoch {trainer.current_epoch}). "
-                        + self._advice("")
+                        + self._advice(trainer, "")
                     )
                 self._skip_this_step = True
         if self._skip_this_step:
@@ -227,11 +228,17 @@ class NonFiniteGuard(pl.Callback):
             optimizer.zero_grad(set_to_none=True)  # the optimizer leaves grad-less params alone
 
     @staticmethod
-    def _advice(extra: str) -> str:
+    def _advice(trainer, extra: str) -> str:
+        folders = {getattr(c, "dirpath", None) for c in trainer.checkpoint_callbacks}
+        saved = any(list(Path(f).glob("*.ckpt")) for f in folders if f)
+        kept = (
+            "the last good checkpoint is kept in the run's checkpoints/ folder"
+            if saved
+            else "no checkpoint had been written yet"
+        )
         return (
-            "Training stopped; the last good checkpoint is kept in the run's checkpoints/ "
-            f"folder. Try a lower model.lr, trainer.gradient_clip_val=1.0, {extra}or "
-            "trainer_guard.skip_nonfinite=true to skip such batches."
+            f"Training stopped; {kept}. Try a lower model.lr, trainer.gradient_clip_val=1.0, "
+            f"{extra}or trainer_guard.skip_nonfinite=true to skip such batches."
         )
 
     def state_dict(self) -> dict:

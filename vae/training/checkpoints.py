@@ -38,9 +38,23 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used: missing, unreadable, or from a different model/config."""
 
 
+def umask_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint dict on the CPU, or raise :class:`CheckpointError` saying why not."""
     path = Path(path)
+    if path.is_dir():
+        folder = path if path.name == "checkpoints" else path / "checkpoints"
+        present = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        raise CheckpointError(
+            f"ckpt_path={path} is a directory; give a checkpoint file, e.g. "
+            f"{folder / 'last.ckpt'} (checkpoints in {folder}: {present or 'none'})."
+        )
     if not path.is_file():
         hint = ""
         if path.parent.is_dir():
@@ -188,6 +202,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.chmod(temporary, umask_mode())  # mkstemp's 0600 would differ from the run's files
             os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

@@ -55,6 +55,9 @@ def write_metrics(
     with os.fdopen(fd, "w") as handle:
         json.dump(dict(sorted(merged.items())), handle, indent=2)
         handle.write("\n")
+    from vae.training.checkpoints import umask_mode
+
+    os.chmod(tmp, umask_mode())  # mkstemp's 0600 would differ from the run's other files
     os.replace(tmp, path)
     return path
 
@@ -67,7 +70,7 @@ ATTEMPT = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
 # Characters that Hydra's override grammar (and shells) would need quoted in a later
 # `ckpt_path=<run dir>/checkpoints/last.ckpt`, mapped to ones that need no quoting.
 _PATH_SAFE = str.maketrans(
-    {"/": "-", "=": "-", ",": "+", **dict.fromkeys("[] '\"(){}", None)}
+    {"/": "-", "=": "-", ",": "+", "~": "del-", **dict.fromkeys("[] '\"(){}", None)}
 )
 
 
