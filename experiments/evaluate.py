@@ -217,6 +217,27 @@ def sample_metrics(model, run_cfg: DictConfig, settings: DictConfig, limit: int 
     return metrics, notes
 
 
+def check_finite_metrics(metrics: dict[str, Any]) -> None:
+    """Refuse to write NaN, or an infinity where none is a valid value, into the run's records.
+    (A label KL is +inf by definition when a class is never generated.)"""
+    import math
+
+    from vae.training import tags
+
+    may_be_infinite = {tags.TEST_LABEL_KL, tags.TEST_LABEL_KL_REVERSE}
+    bad = [
+        f"{name}={value}"
+        for name, value in metrics.items()
+        if isinstance(value, float)
+        and (math.isnan(value) or (math.isinf(value) and name not in may_be_infinite))
+    ]
+    if bad:
+        raise EvaluationError(
+            f"the model gives non-finite test numbers ({', '.join(bad[:4])}); nothing was "
+            "written to the run. Its weights may have diverged: evaluate an earlier checkpoint."
+        )
+
+
 def write_back(run_dir: Path, metrics: dict[str, Any], step: int) -> None:
     """Scalars and the KL-per-dimension histogram into the run's TensorBoard; metrics.json."""
     import torch
@@ -284,6 +305,7 @@ def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         scores, notes = sample_metrics(model, run_cfg, settings, limit, device)
         metrics.update(scores)
     print(f"vae-eval: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    check_finite_metrics(metrics)
     write_back(run_dir, metrics, step)
     for note in notes:
         print(note)

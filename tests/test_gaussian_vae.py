@@ -252,3 +252,53 @@ def test_a_nan_before_any_checkpoint_says_none_was_written():
     )
     with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
         trainer.fit(model, DataLoader(data, batch_size=16))
+
+
+class _NaNInValidation(GaussianVAE):
+    def reconstruction_nll(self, params, x):
+        nll = super().reconstruction_nll(params, x)
+        return nll if self.training else nll + float("nan")
+
+
+def test_a_nan_in_validation_stops_naming_the_term_before_anything_is_written(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tests.cli import load_events
+
+    data = TensorDataset(torch.rand(32, 1, 8, 8).round(), torch.zeros(32, dtype=torch.long))
+    model = _NaNInValidation(image_shape=(1, 8, 8), hidden_dims=[16], latent_dim=2)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=TensorBoardLogger(tmp_path, name="", version=""),
+        callbacks=[NonFiniteGuard()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    loader = DataLoader(data, batch_size=16)
+    with pytest.raises(NonFiniteLossError, match="non-finite validation loss .* after training"):
+        trainer.fit(model, loader, loader)
+    assert not [t for t in load_events(tmp_path).Tags()["scalars"] if t.startswith("val/")]
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_at_load():
+    from vae.training.checkpoints import CheckpointError, check_compatible
+
+    model = GaussianVAE(image_shape=(1, 8, 8))
+    state = model.state_dict()
+    name = next(iter(state))
+    state[name] = state[name].clone().fill_(float("inf"))
+    checkpoint = {"state_dict": state, "format": 2, "model_class": "GaussianVAE"}
+    with pytest.raises(CheckpointError, match=f"not finite .NaN or inf in {name}"):
+        check_compatible(checkpoint, model)
+
+
+def test_vae_eval_writes_no_nan_and_keeps_the_legitimately_infinite_label_kl():
+    from experiments.evaluate import EvaluationError, check_finite_metrics
+
+    check_finite_metrics({"test/elbo": -20.0, "test/label_kl_reverse": float("inf")})
+    with pytest.raises(EvaluationError, match=r"test/elbo=nan.*nothing was written"):
+        check_finite_metrics({"test/elbo": float("nan"), "test/nll_iw": 3.0})
+    with pytest.raises(EvaluationError, match="test/nll_iw=inf"):
+        check_finite_metrics({"test/nll_iw": float("inf")})

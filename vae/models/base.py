@@ -104,6 +104,7 @@ class LatentVariableModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         x = batch[0]
         _, terms = self.compute_terms(x, step=self.global_step)
+        self.step_terms = terms  # the guard checks them before anything is written
         for name in self.val_scalar_names():
             self.log(
                 tags.tag("val", name),

@@ -208,6 +208,19 @@ class NonFiniteGuard(pl.Callback):
             f"{trainer.current_epoch}). {self._advice(trainer, 'model.logvar_clamp=[-10,10], ')}"
         )
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        """A non-finite validation term (a divergence on an epoch's last step, or a checkpoint
+        with an inf weight) stops the run here, before the epoch's scalars, histograms and
+        checkpoint are written with it."""
+        terms = getattr(pl_module, "step_terms", {})
+        culprit = next((n for n, v in terms.items() if not _finite(torch.as_tensor(v))), None)
+        if culprit is not None:
+            raise NonFiniteLossError(
+                f"non-finite validation {culprit} ({float(terms[culprit])}) after training step "
+                f"{trainer.global_step} (epoch {trainer.current_epoch}); nothing of this "
+                f"validation was written. {self._advice(trainer, '')}"
+            )
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._skip_this_step and self.check_gradients and not _has_scaler(trainer):
             if self._parameters is None:  # listed once per fit

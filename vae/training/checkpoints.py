@@ -112,6 +112,17 @@ def check_compatible(checkpoint: Mapping[str, Any], model: torch.nn.Module, path
             "directory)."
         )
     saved_state = checkpoint["state_dict"]
+    not_finite = [
+        name
+        for name, tensor in saved_state.items()
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not tensor.isfinite().all()
+    ]
+    if not_finite:
+        raise CheckpointError(
+            f"{where}the checkpoint's weights are not finite (NaN or inf in "
+            f"{', '.join(not_finite[:4])}{' ...' if len(not_finite) > 4 else ''}): it was saved "
+            "after the training diverged. Use an earlier checkpoint, e.g. a best-*.ckpt."
+        )
     expected = model.state_dict()
     problems = [f"missing {k}" for k in sorted(set(expected) - set(saved_state))]
     problems += [f"unexpected {k}" for k in sorted(set(saved_state) - set(expected))]
