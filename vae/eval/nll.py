@@ -214,4 +214,3 @@ def importance_weighted_nll(
     A plain function (no Lightning); see :func:`importance_weighted_bounds` for the arguments.
     """
     return importance_weighted_bounds(model, x, k, chunk_size, generator).nll_iw
-

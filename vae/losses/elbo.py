@@ -404,7 +404,9 @@ def kl_regulariser(
                 "kl_regulariser: argument 'free_bits' > 0 cannot be combined with "
                 "kl_schedule='capacity'; set one of them"
             )
-        return CapacityKL(capacity_gamma, CapacitySchedule(c_max=capacity_max, steps=capacity_steps))
+        return CapacityKL(
+            capacity_gamma, CapacitySchedule(c_max=capacity_max, steps=capacity_steps)
+        )
     schedules = {
         "constant": lambda: ConstantBeta(beta=beta),
         "linear": lambda: LinearWarmup(beta=beta, warmup_steps=warmup_steps),

@@ -75,8 +75,7 @@ class GaussianVAE(LatentVariableModule):
         self.latent_dim = int(latent_dim)
         net = {"arch": arch, "hidden_dims": list(hidden_dims), "latent_dim": latent_dim}
         self.encoder = build_part(
-            encoder
-            or {"_target_": "vae.nn.build_encoder", **net, "logvar_clamp": logvar_clamp},
+            encoder or {"_target_": "vae.nn.build_encoder", **net, "logvar_clamp": logvar_clamp},
             input_shape=self.image_shape,
         )
         self.decoder = build_part(
