@@ -125,9 +125,13 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning's own, a SystemExit without a code: not a success
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise RunInterrupted("stopped by SIGTERM before any checkpoint was written") from None
         raise RunInterrupted(
-            f"stopped by SIGTERM at step {trainer.global_step}; checkpoints/last.ckpt holds it. "
-            f"Resume with ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} and the same overrides."
+            f"stopped by SIGTERM; checkpoints/last.ckpt holds step "
+            f"{read_checkpoint(last)['global_step']}. Resume with ckpt_path={last} and the same "
+            "overrides."
         ) from None
 
     metrics: dict[str, Any] = {

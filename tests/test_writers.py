@@ -126,7 +126,7 @@ def test_sigterm_exits_143_keeps_last_ckpt_and_says_how_to_resume(tmp_path: Path
     assert proc.returncode == 143, stderr[-2000:]
     (run_dir,) = tmp_path.glob("logs/vae_digits/*")
     line = next(x for x in stderr.splitlines() if x.startswith("vae-train: stopped by SIGTERM"))
-    step = int(line.split("at step ")[1].split(";")[0])
+    step = int(line.split("holds step ")[1].split(".")[0])
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == step
     assert "Resume with ckpt_path=" in line and not (run_dir / LOCK_FILE).exists()
     # The resume it suggests continues that run with no gap in its curve.

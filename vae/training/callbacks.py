@@ -154,8 +154,9 @@ class LastCheckpoint(pl.callbacks.Checkpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Lightning stops at a step boundary on SIGTERM (a scheduler's or `timeout`'s): keep
-        # that state, so that a resume continues from there.
-        if isinstance(exception, SIGTERMException):
+        # that state, so that a resume continues from there. Not when it stops inside a
+        # validation, whose half-done state a resume would not redo: the last save stands.
+        if isinstance(exception, SIGTERMException) and trainer.training:
             self._save(trainer)
 
 
