@@ -79,3 +79,49 @@ def test_throughput_clock_ignores_a_standalone_validate():
     )
     trainer.validate(SleepyModule(), dataloaders=_loader(BATCH_SIZE), verbose=False)
     assert clock.seconds == 0.0 and clock.samples == 0
+
+
+@pytest.mark.parametrize("where", ["epoch_end", "mid_epoch"])
+def test_a_sigterm_save_resumes_to_the_right_epoch(tmp_path, where):
+    """SIGTERM right after an epoch's end (already saved) or between two batches: resuming from
+    last.ckpt trains exactly the remaining epochs and steps. (Saving again after the epoch's
+    end would store the next epoch with every example already done: a resume skipped it.)"""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from vae.data import DigitsDataModule
+    from vae.models import GaussianVAE
+    from vae.training.callbacks import LastCheckpoint
+
+    steps_per_epoch = 6  # 1437 training digits in batches of 256
+
+    class Sigterm(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if where == "mid_epoch" and trainer.global_step == steps_per_epoch + 2:
+                trainer._signal_connector.received_sigterm = True
+
+        def on_train_epoch_end(self, trainer, *args):
+            if where == "epoch_end" and trainer.current_epoch == 1:
+                trainer._signal_connector.received_sigterm = True
+
+    def fit(epochs, callbacks, ckpt_path=None):
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            callbacks=[LastCheckpoint(str(tmp_path), every_n_train_steps=None), *callbacks],
+            num_sanity_val_steps=0,
+        )
+        model = GaussianVAE(image_shape=(1, 8, 8), hidden_dims=[8], latent_dim=2)
+        data = DigitsDataModule(batch_size=256, binarize="dynamic", seed=0)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        return trainer
+
+    with pytest.raises(SIGTERMException):
+        fit(5, [Sigterm()])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"]
+    assert (
+        saved == (2 if where == "epoch_end" else 1) * steps_per_epoch + (where == "mid_epoch") * 2
+    )
+    resumed = fit(3, [], ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == 3 * steps_per_epoch and resumed.current_epoch == 3

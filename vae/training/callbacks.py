@@ -134,6 +134,7 @@ class LastCheckpoint(pl.callbacks.Checkpoint):
     def __init__(self, dirpath: str, every_n_train_steps: int | None = 200) -> None:
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps or 0
+        self._saved_step: int | None = None
 
     @property
     def path(self) -> str:
@@ -143,6 +144,7 @@ class LastCheckpoint(pl.callbacks.Checkpoint):
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
         trainer.save_checkpoint(self.path, weights_only=False)
+        self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.every_n_train_steps
@@ -155,8 +157,14 @@ class LastCheckpoint(pl.callbacks.Checkpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Lightning stops at a step boundary on SIGTERM (a scheduler's or `timeout`'s): keep
         # that state, so that a resume continues from there. Not when it stops inside a
-        # validation, whose half-done state a resume would not redo: the last save stands.
-        if isinstance(exception, SIGTERMException) and trainer.training:
+        # validation, whose half-done state a resume would not redo, nor right after an epoch
+        # whose end was saved already (the epoch counter has moved on since, and a resume from
+        # that state would skip an epoch): the last save stands.
+        if (
+            isinstance(exception, SIGTERMException)
+            and trainer.training
+            and trainer.global_step != self._saved_step
+        ):
             self._save(trainer)
 
 
