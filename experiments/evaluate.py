@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.train import CONFIG_DIR
+from experiments.train import CONFIG_DIR, build_model
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_CONFIG = Path(".hydra") / "config.yaml"
@@ -132,13 +132,7 @@ def build_model_and_data(run_cfg: DictConfig, checkpoint: dict, ckpt: Path, data
         run_cfg.data.root = data_root
     try:
         datamodule = instantiate(run_cfg.data, _convert_="all")
-        model = instantiate(
-            OmegaConf.to_container(run_cfg.model, resolve=True),
-            image_shape=datamodule.image_shape,
-            data_levels=datamodule.num_levels,
-            _recursive_=False,
-            _convert_="all",
-        )
+        model = build_model(run_cfg.model, datamodule)
         check_compatible(checkpoint, model, path=str(ckpt))
         model.load_state_dict(checkpoint["state_dict"])
         datamodule.setup("test")
@@ -240,20 +234,14 @@ def check_finite_metrics(metrics: dict[str, Any]) -> None:
 
 def write_back(run_dir: Path, metrics: dict[str, Any], step: int) -> None:
     """Scalars and the KL-per-dimension histogram into the run's TensorBoard; metrics.json."""
-    import torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from vae.training import tags
     from vae.training.runs import write_metrics
+    from vae.training.tensorboard import write_test_metrics
 
     writer = SummaryWriter(log_dir=str(run_dir))
     try:
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(name, value, global_step=step)
-        if tags.TEST_KL_PER_DIM in metrics:
-            kl_per_dim = torch.tensor(metrics[tags.TEST_KL_PER_DIM])
-            writer.add_histogram(tags.TEST_KL_PER_DIM, kl_per_dim, global_step=step)
+        write_test_metrics([writer], metrics, step)
     finally:
         writer.close()
     write_metrics(run_dir, metrics)

@@ -50,6 +50,23 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
             lock.release()
 
 
+def build_model(model_cfg: DictConfig, datamodule):
+    """The model of ``model_cfg`` for ``datamodule``'s images (shape and pixel levels).
+
+    The parts stay configs (``_recursive_=False``): the model builds them and saves them with
+    its hyper-parameters, so that ``Model.load_from_checkpoint(path)`` rebuilds it alone.
+    """
+    from hydra.utils import instantiate
+
+    return instantiate(
+        OmegaConf.to_container(model_cfg, resolve=True),
+        image_shape=datamodule.image_shape,
+        data_levels=datamodule.num_levels,
+        _recursive_=False,
+        _convert_="all",
+    )
+
+
 def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
     # Imports are deferred so that `--help` and config errors answer without loading torch.
     import lightning.pytorch as pl
@@ -81,15 +98,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         # dataset then fails with nothing written (Lightning's own setup() call does nothing).
         if not getattr(datamodule, "download", False):
             datamodule.setup("fit")
-        # The parts stay configs (_recursive_=False): the model builds them and saves them with
-        # its hyper-parameters, so that Model.load_from_checkpoint(path) rebuilds it alone.
-        model = instantiate(
-            OmegaConf.to_container(cfg.model, resolve=True),
-            image_shape=datamodule.image_shape,
-            data_levels=datamodule.num_levels,
-            _recursive_=False,
-            _convert_="all",
-        )
+        model = build_model(cfg.model, datamodule)
     ckpt_path = cfg.get("ckpt_path")
     resume_step = None
     if ckpt_path:
@@ -148,7 +157,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         # The final model's test/* numbers, exactly as vae-eval computes them (the sample scores
         # need vae-eval), at the final step.
         from vae.eval.suite import evaluate_split
-        from vae.training.tensorboard import log_test_metrics
+        from vae.training.tensorboard import summary_writers, write_test_metrics
 
         settings = cfg.eval
         test_metrics = evaluate_split(
@@ -161,7 +170,8 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
             device=model.device,
         )
         if trainer.is_global_zero:
-            log_test_metrics(trainer.loggers, test_metrics, trainer.global_step)
+            writers = summary_writers(trainer.loggers)
+            write_test_metrics(writers, test_metrics, trainer.global_step)
         metrics.update(test_metrics)
     metrics["epoch"] = trainer.current_epoch
     metrics["global_step"] = trainer.global_step

@@ -12,6 +12,7 @@ subclasses this and overrides ``compute_terms`` or passes another part.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -88,7 +89,7 @@ class GaussianVAE(LatentVariableModule):
         self.regulariser = regulariser
         self.likelihood = PixelLikelihood(
             likelihood,
-            num_dims=int(torch.tensor(self.image_shape).prod()),
+            num_dims=math.prod(self.image_shape),
             channels=self.image_shape[0],
             sigma=sigma,
             learn_sigma=learn_sigma,

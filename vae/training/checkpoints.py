@@ -96,14 +96,9 @@ def check_compatible(checkpoint: Mapping[str, Any], model: torch.nn.Module, path
             f"{where}the checkpoint holds a {saved_class}, but the config builds a "
             f"{type(model).__qualname__}. Use the same model=... as the original run."
         )
-    saved_hparams = checkpoint.get("hyper_parameters") or {}
-    current = dict(getattr(model, "hparams", {}))
-    differing = [
-        f"model.{key}: checkpoint {saved_hparams[key]!r}, config {current[key]!r}"
-        for key in sorted(set(saved_hparams) & set(current))
-        if key not in RESUMABLE_CHANGES
-        and _normalise(saved_hparams[key]) != _normalise(current[key])
-    ]
+    differing = _differing_keys(
+        "model", checkpoint.get("hyper_parameters"), model, ignored=RESUMABLE_CHANGES
+    )
     if differing:
         raise CheckpointError(
             f"{where}the checkpoint was made with a different model config:\n  "
@@ -157,14 +152,12 @@ def check_same_data(checkpoint: Mapping[str, Any], datamodule: Any, path: str = 
             f"{where}the checkpoint was trained on {saved_class}, but the config gives "
             f"{type(datamodule).__qualname__}. Use the same data=... as the original run."
         )
-    saved = checkpoint.get("datamodule_hyper_parameters") or {}
-    current = dict(getattr(datamodule, "hparams", {}))
-    differing = [
-        f"data.{key}: checkpoint {saved[key]!r}, config {current[key]!r}"
-        for key in sorted(set(saved) & set(current))
-        if key not in DATA_KEYS_FREE_ON_RESUME
-        and _normalise(saved[key]) != _normalise(current[key])
-    ]
+    differing = _differing_keys(
+        "data",
+        checkpoint.get("datamodule_hyper_parameters"),
+        datamodule,
+        ignored=DATA_KEYS_FREE_ON_RESUME,
+    )
     if differing:
         raise CheckpointError(
             f"{where}the checkpoint was trained on other data:\n  "
@@ -172,6 +165,21 @@ def check_same_data(checkpoint: Mapping[str, Any], datamodule: Any, path: str = 
             + "\nRepeat the original run's data overrides (see .hydra/overrides.yaml in its run "
             "directory)."
         )
+
+
+def _differing_keys(
+    section: str, saved: Mapping[str, Any] | None, current: Any, ignored: frozenset[str]
+) -> list[str]:
+    """``"<section>.<key>: checkpoint <old>, config <new>"`` for every hyper-parameter that
+    both the checkpoint and ``current`` (a model or DataModule) have, outside ``ignored``,
+    and that differs."""
+    saved = saved or {}
+    now = dict(getattr(current, "hparams", {}))
+    return [
+        f"{section}.{key}: checkpoint {saved[key]!r}, config {now[key]!r}"
+        for key in sorted(set(saved) & set(now))
+        if key not in ignored and _normalise(saved[key]) != _normalise(now[key])
+    ]
 
 
 def _normalise(value: Any) -> Any:

@@ -55,7 +55,7 @@ def write_metrics(
     with os.fdopen(fd, "w") as handle:
         json.dump(dict(sorted(merged.items())), handle, indent=2)
         handle.write("\n")
-    from vae.training.checkpoints import umask_mode
+    from vae.training.checkpoints import umask_mode  # torch: not on the CLI's start-up path
 
     os.chmod(tmp, umask_mode())  # mkstemp's 0600 would differ from the run's other files
     os.replace(tmp, path)

@@ -51,7 +51,7 @@ def tag(prefix: str, name: str) -> str:
 
 
 # Reliability
-TRAIN_SKIPPED_BATCHES = "train/skipped_batches"  # non-finite batches skipped (trainer_guard)
+TRAIN_SKIPPED_BATCHES = "train/skipped_batches"  # non-finite batches skipped (NonFiniteGuard)
 
 
 # VQ-VAE (vae.models.VQVAE). vq_loss and commitment are squared distances in latent units per

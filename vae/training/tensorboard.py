@@ -79,15 +79,16 @@ def log_hparams(
             file_writer.add_summary(summary)
 
 
-def log_test_metrics(loggers: Iterable[Any], metrics: Mapping[str, Any], step: int) -> None:
-    """The ``test/*`` numbers of ``vae.eval.suite.evaluate_split`` into the run's TensorBoard:
-    the scalars, and ``test/kl_per_dim`` as a histogram."""
+def write_test_metrics(writers: Iterable[Any], metrics: Mapping[str, Any], step: int) -> None:
+    """The ``test/*`` numbers of ``vae.eval.suite.evaluate_split`` into ``SummaryWriter``s: the
+    scalars, and ``test/kl_per_dim`` as a histogram. ``vae-train test=true`` and ``vae-eval``
+    both write through this."""
     from vae.training import tags
 
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    for logger in loggers:
-        logger.log_metrics(scalars, step=step)
-    if tags.TEST_KL_PER_DIM in metrics:
-        log_histogram(
-            loggers, tags.TEST_KL_PER_DIM, torch.tensor(metrics[tags.TEST_KL_PER_DIM]), step
-        )
+    for writer in writers:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(name, value, global_step=step)
+        if tags.TEST_KL_PER_DIM in metrics:
+            values = torch.tensor(metrics[tags.TEST_KL_PER_DIM])
+            writer.add_histogram(tags.TEST_KL_PER_DIM, values, global_step=step)
