@@ -108,19 +108,26 @@ class _NaNAtStep(GaussianVAE):
         return nll
 
 
+def _guarded_trainer(max_epochs: int, **kwargs) -> pl.Trainer:
+    """A quiet CPU trainer with the NaN/inf guard: no logger, checkpoints or validation unless
+    ``kwargs`` say otherwise."""
+    settings = {
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "limit_val_batches": 0,
+        **kwargs,
+    }
+    callbacks = [*settings.pop("callbacks", []), NonFiniteGuard()]
+    return pl.Trainer(max_epochs=max_epochs, accelerator="cpu", callbacks=callbacks, **settings)
+
+
 def test_nonfinite_loss_stops_with_term_and_step_and_keeps_checkpoint(tmp_path):
     torch.manual_seed(0)
     data = TensorDataset(torch.rand(64, 1, 8, 8).round(), torch.zeros(64, dtype=torch.long))
     model = _NaNAtStep(image_shape=(1, 8, 8), hidden_dims=[16], latent_dim=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
-    trainer = pl.Trainer(
-        max_epochs=5,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[checkpoint, NonFiniteGuard()],
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    )
+    trainer = _guarded_trainer(5, callbacks=[checkpoint], enable_checkpointing=True)
     with pytest.raises(NonFiniteLossError, match=r"non-finite recon .* step 6"):
         trainer.fit(model, DataLoader(data, batch_size=16))
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
@@ -141,15 +148,7 @@ def test_nonfinite_gradient_stops_naming_the_parameter(tmp_path):
     name = next(n for n, p in model.named_parameters() if p is weight)
     # The loss stays finite; only this parameter's gradient turns NaN, at step 3.
     weight.register_hook(lambda g: g * float("nan") if model.global_step == 3 else g)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[NonFiniteGuard()],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-    )
+    trainer = _guarded_trainer(2)
     with pytest.raises(
         NonFiniteLossError, match=rf"non-finite gradient of {name} at training step 3"
     ):
@@ -241,15 +240,7 @@ def test_a_nan_before_any_checkpoint_says_none_was_written():
 
     data = TensorDataset(torch.rand(32, 1, 8, 8).round(), torch.zeros(32, dtype=torch.long))
     model = NaNAtOnce(image_shape=(1, 8, 8), hidden_dims=[16], latent_dim=2)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[NonFiniteGuard()],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-    )
+    trainer = _guarded_trainer(1)
     with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
         trainer.fit(model, DataLoader(data, batch_size=16))
 
@@ -267,13 +258,10 @@ def test_a_nan_in_validation_stops_naming_the_term_before_anything_is_written(tm
 
     data = TensorDataset(torch.rand(32, 1, 8, 8).round(), torch.zeros(32, dtype=torch.long))
     model = _NaNInValidation(image_shape=(1, 8, 8), hidden_dims=[16], latent_dim=2)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
+    trainer = _guarded_trainer(
+        1,
         logger=TensorBoardLogger(tmp_path, name="", version=""),
-        callbacks=[NonFiniteGuard()],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
+        limit_val_batches=None,
         num_sanity_val_steps=0,
     )
     loader = DataLoader(data, batch_size=16)

@@ -46,18 +46,23 @@ def _resume(run_dir: Path, epochs: int, *extra: str) -> list[str]:
     ]
 
 
+def _run_resume(run_dir: Path, epochs: int, *extra: str) -> subprocess.CompletedProcess:
+    """A resume of ``run_dir`` to ``epochs`` epochs, from the folder it was started in."""
+    return subprocess.run(
+        _resume(run_dir, epochs, *extra),
+        cwd=run_dir.parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_a_live_writer_holds_the_run_and_a_second_is_refused_naming_it(finished_run: Path):
     (finished_run / LOCK_FILE).write_text(
         json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
     )
     before = _snapshot(finished_run)
-    proc = subprocess.run(
-        _resume(finished_run, 2),
-        cwd=finished_run.parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _run_resume(finished_run, 2)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"being written by pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -70,13 +75,7 @@ def test_a_dead_writers_lock_is_taken_over(finished_run: Path):
     (finished_run / LOCK_FILE).write_text(
         json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": 0})
     )
-    proc = subprocess.run(
-        _resume(finished_run, 2),
-        cwd=finished_run.parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _run_resume(finished_run, 2)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_checkpoint(finished_run / "checkpoints" / "last.ckpt")["global_step"] == 2 * 23
     assert not (finished_run / LOCK_FILE).exists()
@@ -149,7 +148,7 @@ def test_resuming_from_an_older_checkpoint_is_refused_unless_asked(finished_run:
     older = checkpoints / "older.ckpt"
     older.write_bytes((checkpoints / "last.ckpt").read_bytes())  # step 23
     cwd = finished_run.parents[2]
-    subprocess.run(_resume(finished_run, 2), cwd=cwd, check=True, capture_output=True)  # to 46
+    assert _run_resume(finished_run, 2).returncode == 0  # to step 46
     rollback = [str(BIN / "vae-train"), "trainer.max_epochs=2", "seed=2", f"ckpt_path={older}"]
     proc = subprocess.run([*rollback, *QUICK], cwd=cwd, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
