@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -205,6 +206,20 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space; the previous one is intact."""
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` comes from a full disk or quota. ``torch.save`` reports a failed write
+    as a RuntimeError about zip positions, with the ``OSError`` as its context."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose writes are atomic on a local filesystem."""
 
@@ -223,8 +238,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(handle.fileno())
             os.chmod(temporary, umask_mode())  # mkstemp's 0600 would differ from the run's files
             os.replace(temporary, target)
-        except BaseException:
+        except BaseException as err:
             Path(temporary).unlink(missing_ok=True)
+            if _disk_full(err):
+                kept = (
+                    f"the previous {target.name} is kept unchanged"
+                    if target.exists()
+                    else f"no {target.name} had been written yet"
+                )
+                raise DiskFullError(
+                    errno.ENOSPC, f"no space left on the device while saving {target}: {kept}"
+                ) from None
             raise
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:

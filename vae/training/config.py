@@ -31,6 +31,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: the model's parameters and losses are float32 tensors, so a setting
+beyond it (``model.lr=1e39``) would overflow when it first meets a tensor, mid-run."""
+
+
 def positive_int(value: Any) -> bool:
     return _is_int(value) and value > 0
 
@@ -120,6 +131,11 @@ RULES: tuple[Rule, ...] = (
     Rule("data.val_size", positive_int, "a positive integer"),
     Rule("trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1"),
     Rule("trainer.log_every_n_steps", positive_int, "a positive integer"),
+    Rule(
+        "trainer.accelerator",
+        lambda v: v not in ("gpu", "cuda") or _cuda_available(),
+        "cpu or auto: this machine has no CUDA GPU (torch.cuda.is_available() is False)",
+    ),
     Rule("seed", lambda v: v is None or _is_int(v), "an integer or null"),
     Rule(
         "callbacks.nonfinite_guard.skip_nonfinite", lambda v: isinstance(v, bool), "true or false"
@@ -142,7 +158,12 @@ def validate_config(cfg: DictConfig) -> None:
             continue
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
-        if not rule.check(value):
+        if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            problems.append(
+                f"{rule.key}={value!r} is invalid: beyond float32's range (|x| <= 3.4e38), "
+                f"which the model's tensors use; expected {rule.expected}."
+            )
+        elif not rule.check(value):
             problems.append(f"{rule.key}={value!r} is invalid: expected {rule.expected}.")
     schedule = OmegaConf.select(cfg, "model.kl_schedule")
     free_bits = OmegaConf.select(cfg, "model.free_bits")
@@ -151,6 +172,8 @@ def validate_config(cfg: DictConfig) -> None:
             f"model.free_bits={free_bits!r} cannot be combined with model.kl_schedule=capacity: "
             "set model.free_bits=0 or another schedule."
         )
+    if len(problems) == 1:
+        raise ConfigError(f"Invalid config: {problems[0]}")
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
     likelihood = OmegaConf.select(cfg, "model.likelihood")
@@ -266,24 +289,52 @@ def rewrite_moved_keys(overrides: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def config_errors(cfg: DictConfig):
-    """A ValueError raised while building an object from config becomes a ConfigError: one
-    line, not a traceback. The networks name their constructor arguments; where such an
-    argument is also a key of the model or data config, the message names that Hydra key."""
+    """A bad setting found while building objects from ``cfg`` becomes a one-line
+    ``ConfigError`` naming its Hydra key, instead of a traceback.
+
+    It catches what the builders raise for a bad value: a ``ValueError`` (our networks and
+    DataModules name their arguments, e.g. ``data.val_size`` larger than the data), Lightning's
+    ``MisconfigurationException`` (``trainer.precision=99``), and the ``TypeError`` of a key the
+    class does not take (``+model.betaa=4``). Hydra wraps errors raised while instantiating;
+    the original cause is reported.
+    """
     from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
         yield
-    except InstantiationException as err:
-        cause = err.__cause__
+    except (InstantiationException, ValueError, MisconfigurationException) as err:
+        cause: BaseException = err
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
             cause = cause.__cause__
-        if not isinstance(cause, ValueError) or isinstance(cause, ConfigError):
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        if isinstance(cause, TypeError) and unknown:
+            keys = _config_keys(cfg, [unknown.group(1)])
+            where = keys[0] if keys else unknown.group(1)
+            raise ConfigError(
+                f"{where} is not a setting of {_class_name(cause)}: "
+                "check its spelling, or remove it."
+            ) from None
+        if isinstance(cause, ConfigError) or not isinstance(
+            cause, (ValueError, MisconfigurationException)
+        ):
             raise
-        keys = [
-            f"{section}.{name}"
-            for name in dict.fromkeys(re.findall(r"\w+", str(cause)))
-            for section in ("model", "data")
-            if name in (cfg.get(section) or {})
-        ]
+        keys = _config_keys(cfg, re.findall(r"\w+", str(cause).lower()))
         hint = f" (config key {', '.join(keys)})" if keys else ""
         raise ConfigError(f"{cause}{hint}") from None
+
+
+def _class_name(error: BaseException) -> str:
+    """``GaussianVAE`` from "GaussianVAE.__init__() got an unexpected keyword argument ..."."""
+    match = re.match(r"(\w+)\.__init__\(\)", str(error))
+    return match.group(1) if match else "the configured class"
+
+
+def _config_keys(cfg: DictConfig, names: list[str]) -> list[str]:
+    """The ``model.*``, ``data.*`` and ``trainer.*`` keys among ``names``, in order, once each."""
+    return [
+        f"{section}.{name}"
+        for name in dict.fromkeys(names)
+        for section in ("model", "data", "trainer")
+        if name in (cfg.get(section) or {})
+    ]

@@ -148,11 +148,14 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, function)
 
 
-def discard_unused_outputs(run_dir: Path, config_folder: str | None, log_file: str | None) -> None:
+def discard_unused_outputs(
+    run_dir: Path, config_folder: str | None, log_file: str | None, log_dir: Path | None = None
+) -> None:
     """Undo what Hydra wrote for a run that failed before it started.
 
-    A new run directory holding nothing but Hydra's own files is removed whole. Resuming into
-    an existing run only removes this attempt's own config folder and log, so the run's
+    A new run directory holding nothing but Hydra's own files is removed whole, and so are the
+    folders above it, up to ``log_dir``, that it leaves empty (``<log_dir>/<name>/``). Resuming
+    into an existing run only removes this attempt's own config folder and log, so the run's
     checkpoints, events, metrics and first config stay exactly as they were.
     """
     if not run_dir.is_dir():
@@ -164,8 +167,74 @@ def discard_unused_outputs(run_dir: Path, config_folder: str | None, log_file: s
             Path(log_file).unlink(missing_ok=True)
         return
     produced = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
-    if not produced:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if produced:
+        return
+    logging.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if log_dir is None:
+        return
+    log_dir = log_dir.resolve()
+    for folder in run_dir.resolve().parents:
+        if folder != log_dir and log_dir not in folder.parents:
+            break
+        try:
+            folder.rmdir()  # only if empty: another run may live there
+        except OSError:
+            break
+
+
+MIN_FREE_BYTES = 1 << 20
+"""Less free space than this where runs are written refuses a new run: the config files would
+fit, the first checkpoint would not."""
+
+
+def log_dir_problem(log_dir: str | os.PathLike) -> str | None:
+    """Why runs cannot be written under ``log_dir`` (to be created if missing), or None.
+
+    Checks the nearest folder that exists: that it is a folder, that this process may create
+    files in it, and that its disk is not full."""
+    existing = Path(log_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        return f"the disk holding {existing} is full ({free} bytes free)"
+    return None
+
+
+try:  # Hydra is a dependency of the CLIs; vae.training.runs stays importable without it
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object
+
+
+class CheckLogDir(_HydraCallback):
+    """A Hydra callback (``conf/hydra/default.yaml``) that refuses an unusable ``paths.log_dir``
+    before Hydra creates the run directory in it: one line, exit 2, nothing written."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: Any) -> None:
+        import sys
+
+        log_dir = config.paths.log_dir
+        problem = log_dir_problem(log_dir)
+        if problem is not None:
+            print(
+                f"vae-train: error: paths.log_dir={log_dir} cannot hold runs: {problem}. "
+                "Choose another folder with paths.log_dir=...",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
 
 # --- one writer per run directory --------------------------------------------------------------
