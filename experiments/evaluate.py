@@ -6,8 +6,10 @@
 The model and the data are rebuilt from the run's own ``.hydra/config.yaml`` (the run directory
 is the parent of ``checkpoints/``), the weights come from the checkpoint, and the ``test/*``
 scalars (tags in ``vae.training.tags``) are added to the run's TensorBoard at the checkpoint's
-``global_step`` and merged into its ``metrics.json``. A missing or unreadable checkpoint or run
-config ends with one error line and exit code 2, before anything is written.
+``global_step`` (replacing an earlier evaluation at that step) and merged into its
+``metrics.json``. A missing or unreadable checkpoint or run config, or a run that another
+process is writing (its writer lock), ends with one error line and exit code 2, before anything
+is written.
 
 This file only wires; the metrics are plain functions in ``vae.eval``.
 """
@@ -212,19 +214,11 @@ def sample_metrics(model, run_cfg: DictConfig, settings: DictConfig, limit: int 
 
 
 def check_finite_metrics(metrics: dict[str, Any]) -> None:
-    """Refuse to write NaN, or an infinity where none is a valid value, into the run's records.
-    (A label KL is +inf by definition when a class is never generated.)"""
-    import math
+    """Refuse to write NaN, or an infinity where none is a valid value, into the run's records
+    (``vae.eval.suite.non_finite_metrics``)."""
+    from vae.eval.suite import non_finite_metrics
 
-    from vae.training import tags
-
-    may_be_infinite = {tags.TEST_LABEL_KL, tags.TEST_LABEL_KL_REVERSE}
-    bad = [
-        f"{name}={value}"
-        for name, value in metrics.items()
-        if isinstance(value, float)
-        and (math.isnan(value) or (math.isinf(value) and name not in may_be_infinite))
-    ]
+    bad = non_finite_metrics(metrics)
     if bad:
         raise EvaluationError(
             f"the model gives non-finite test numbers ({', '.join(bad[:4])}); nothing was "
@@ -233,27 +227,42 @@ def check_finite_metrics(metrics: dict[str, Any]) -> None:
 
 
 def write_back(run_dir: Path, metrics: dict[str, Any], step: int) -> None:
-    """Scalars and the KL-per-dimension histogram into the run's TensorBoard; metrics.json."""
-    from torch.utils.tensorboard import SummaryWriter
-
+    """Scalars and the KL-per-dimension histogram into the run's TensorBoard, replacing an
+    earlier evaluation at ``step``; merged into metrics.json."""
     from vae.training.runs import write_metrics
-    from vae.training.tensorboard import write_test_metrics
+    from vae.training.tensorboard import write_test_events
 
-    writer = SummaryWriter(log_dir=str(run_dir))
-    try:
-        write_test_metrics([writer], metrics, step)
-    finally:
-        writer.close()
+    write_test_events(run_dir, metrics, step)
     write_metrics(run_dir, metrics)
 
 
 def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
-    """Evaluate ``cfg.ckpt_path`` as configured by ``cfg.eval``; return (run dir, metrics)."""
+    """Evaluate ``cfg.ckpt_path`` as configured by ``cfg.eval``; return (run dir, metrics).
+
+    The run's writer lock (``vae.training.runs.RunLock``) is held from before the checkpoint
+    is read until the numbers are written: while another process writes the run (vae-train,
+    another vae-eval), this is refused before anything is computed or written.
+    """
+    from vae.training.runs import RunLock, RunLockedError
+
     settings = cfg.eval
     check_eval_settings(settings)
     ckpt, run_dir = locate_run(cfg.get("ckpt_path"))
     run_cfg = load_run_config(run_dir)
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLockedError as err:
+        raise EvaluationError(str(err)) from None
+    try:
+        return run_dir, evaluate_checkpoint(ckpt, run_dir, run_cfg, settings)
+    finally:
+        lock.release()
 
+
+def evaluate_checkpoint(
+    ckpt: Path, run_dir: Path, run_cfg: DictConfig, settings: DictConfig
+) -> dict[str, Any]:
+    """The test/* numbers of ``ckpt``, written into ``run_dir`` at the checkpoint's step."""
     from vae.eval.suite import evaluate_split
     from vae.training.checkpoints import CheckpointError, read_checkpoint
 
@@ -297,7 +306,7 @@ def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     write_back(run_dir, metrics, step)
     for note in notes:
         print(note)
-    return run_dir, metrics
+    return metrics
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -155,9 +155,11 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
             metrics[tags.TRAIN_SKIPPED_BATCHES] = callback.skipped_batches
     if test if test is not None else cfg.get("test", False):
         # The final model's test/* numbers, exactly as vae-eval computes them (the sample scores
-        # need vae-eval), at the final step.
-        from vae.eval.suite import evaluate_split
-        from vae.training.tensorboard import summary_writers, write_test_metrics
+        # need vae-eval), at the final step, in the run's event file of test numbers at that
+        # step: a later vae-eval of last.ckpt replaces them rather than adding a second point.
+        from vae.eval.suite import evaluate_split, non_finite_metrics
+        from vae.training.callbacks import NonFiniteLossError
+        from vae.training.tensorboard import summary_writers, write_test_events
 
         settings = cfg.eval
         test_metrics = evaluate_split(
@@ -169,9 +171,20 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
             seed=settings.seed,
             device=model.device,
         )
+        bad = non_finite_metrics(test_metrics)
+        if bad:
+            if trainer.is_global_zero:  # the fit's own record is sound: keep it
+                fit = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+                write_metrics(run_dir, {**metrics, **fit})
+            raise NonFiniteLossError(
+                f"the trained model gives non-finite test numbers ({', '.join(bad[:4])}); no "
+                "test/* was written to the run. Its checkpoints are kept: evaluate one with "
+                f"vae-eval ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} (or a best-*.ckpt)."
+            )
         if trainer.is_global_zero:
-            writers = summary_writers(trainer.loggers)
-            write_test_metrics(writers, test_metrics, trainer.global_step)
+            for writer in summary_writers(trainer.loggers):
+                writer.flush()  # the training events first (fit's teardown has usually closed it)
+            write_test_events(run_dir, test_metrics, trainer.global_step)
         metrics.update(test_metrics)
     metrics["epoch"] = trainer.current_epoch
     metrics["global_step"] = trainer.global_step

@@ -6,6 +6,8 @@ Fault injection for the reliability tests, done by the tests (a monkeypatch of e
     python tests/inject_nan.py TERM STEP [vae-train overrides...]
 
 At optimizer step STEP, the first training batch's term TERM (and so the loss) becomes NaN.
+A TERM that is a ``test/*`` tag (STEP is then ignored) makes that number of
+``vae.eval.suite.evaluate_split`` NaN instead, as ``vae-train test=true`` computes it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,22 @@ def poison(term: str, bad_step: int) -> None:
         model_class.compute_terms = wrap(model_class.compute_terms)
 
 
+def poison_test_number(tag: str) -> None:
+    """Make the ``tag`` entry of every ``evaluate_split`` result NaN."""
+    from vae.eval import suite
+
+    evaluate_split = suite.evaluate_split
+
+    def poisoned(*args, **kwargs):
+        return {**evaluate_split(*args, **kwargs), tag: float("nan")}
+
+    suite.evaluate_split = poisoned
+
+
 if __name__ == "__main__":
-    poison(sys.argv[1], int(sys.argv[2]))
+    if sys.argv[1].startswith("test/"):
+        poison_test_number(sys.argv[1])
+    else:
+        poison(sys.argv[1], int(sys.argv[2]))
     sys.argv = [sys.argv[0], *sys.argv[3:]]
     train.main()

@@ -6,12 +6,15 @@ Plain functions over in-memory batches: ``vae-eval`` calls them, and so can a no
 * :func:`sample_score_metrics`: label KL and classifier score of generated samples.
 * :func:`vqvae_metrics` / :func:`vqvae_prior_metrics`: reconstruction MSE, perplexity and
   codebook usage over the whole split; the prior's bits/dim.
+* :func:`evaluate_split`: the one that fits the model; :func:`non_finite_metrics`: the numbers
+  that must not be written into a run.
 
 All likelihood terms are nats per example, averaged over the examples of the split.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,6 +39,7 @@ __all__ = [
     "vqvae_metrics",
     "vqvae_prior_metrics",
     "evaluate_split",
+    "non_finite_metrics",
 ]
 
 Progress = Callable[[int], None]
@@ -263,3 +267,20 @@ def evaluate_split(
             model, batches, k, chunk_size, generator, report(f"nll_iw k={k}")
         )
     raise ValueError(f"no test metrics are defined for a {type(model).__name__}.")
+
+
+# A label KL is +inf by definition when a class is never generated; every other test number is
+# finite for a sound model.
+MAY_BE_INFINITE = frozenset({tags.TEST_LABEL_KL, tags.TEST_LABEL_KL_REVERSE})
+
+
+def non_finite_metrics(metrics: dict[str, Any]) -> list[str]:
+    """``name=value`` of each number in ``metrics`` that must not go into a run's records: a
+    NaN, or an infinity where none is a valid value. Both writers of ``test/*`` (``vae-eval``
+    and ``vae-train test=true``) refuse to write when this is not empty."""
+    return [
+        f"{name}={value}"
+        for name, value in metrics.items()
+        if isinstance(value, float)
+        and (math.isnan(value) or (math.isinf(value) and name not in MAY_BE_INFINITE))
+    ]

@@ -1,13 +1,17 @@
-"""Writing to TensorBoard beyond scalars: images, histograms and the HParams tab.
+"""Writing to TensorBoard beyond scalars: images, histograms, the HParams tab, test numbers.
 
 Lightning's loggers handle scalars. Images and histograms need the underlying
 ``SummaryWriter``; these helpers find it for every TensorBoard logger attached to a trainer,
-so that the rest of the code never touches logger internals.
+so that the rest of the code never touches logger internals. The ``test/*`` numbers go into an
+event file of their own per evaluated step (:func:`write_test_events`), so that evaluating a
+checkpoint again replaces them instead of adding a second point.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,16 +83,38 @@ def log_hparams(
             file_writer.add_summary(summary)
 
 
-def write_test_metrics(writers: Iterable[Any], metrics: Mapping[str, Any], step: int) -> None:
-    """The ``test/*`` numbers of ``vae.eval.suite.evaluate_split`` into ``SummaryWriter``s: the
-    scalars, and ``test/kl_per_dim`` as a histogram. ``vae-train test=true`` and ``vae-eval``
-    both write through this."""
+TEST_EVENTS_SUFFIX = ".test-step"
+
+
+def write_test_events(run_dir: str | os.PathLike, metrics: Mapping[str, Any], step: int) -> None:
+    """Write the ``test/*`` numbers of one evaluation (``vae.eval.suite.evaluate_split``) into
+    the run as an event file of their own, replacing any earlier evaluation at the same step.
+
+    The scalars, and ``test/kl_per_dim`` as a histogram, go into
+    ``<run_dir>/events.out.tfevents.*.test-step<step>``: TensorBoard reads every file with
+    "tfevents" in its name as part of the run. Once that file is complete, the earlier files of
+    the same step are deleted, so each tag has one point at ``step`` however often a checkpoint
+    is evaluated (``vae-train test=true``, then ``vae-eval``, or ``vae-eval`` twice); other
+    steps' files and the training event files stay. (``purge_step`` cannot do this: it would also
+    hide the training curves at ``step``.) The caller holds the run's writer lock.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
     from vae.training import tags
 
-    for writer in writers:
+    run_dir = Path(run_dir)
+    suffix = f"{TEST_EVENTS_SUFFIX}{step}"
+    pattern = f"events.out.tfevents.*{suffix}"  # end-anchored: step 10 is not step 100
+    earlier = set(run_dir.glob(pattern))
+    writer = SummaryWriter(log_dir=str(run_dir), filename_suffix=suffix)
+    try:
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 writer.add_scalar(name, value, global_step=step)
         if tags.TEST_KL_PER_DIM in metrics:
             values = torch.tensor(metrics[tags.TEST_KL_PER_DIM])
             writer.add_histogram(tags.TEST_KL_PER_DIM, values, global_step=step)
+    finally:
+        writer.close()  # flushes: the new file is complete before the old ones go
+    for old in earlier:
+        old.unlink(missing_ok=True)
