@@ -109,16 +109,21 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         del checkpoint
 
     # A resumed TensorBoard run hides the events written after its checkpoint, so that the
-    # curves have no duplicated steps.
+    # curves have no duplicated steps. Loggers write nothing until first used.
     purge = {} if resume_step is None else {"purge_step": resume_step + 1}
-    loggers = [instantiate(c, **purge) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    if OmegaConf.select(cfg, "trainer.enable_progress_bar") is False:
-        # Lightning refuses a progress-bar callback when the bar is off: honour the switch.
-        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
-    trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
-    )
+    with config_errors(cfg):
+        # A group entry set to null (`callbacks.progress_bar=null`) is switched off.
+        loggers = [instantiate(c, **purge) for c in (cfg.get("logger") or {}).values() if c]
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        if OmegaConf.select(cfg, "trainer.enable_progress_bar") is False:
+            # Lightning refuses a progress-bar callback when the bar is off: honour the switch.
+            callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
+        trainer = instantiate(
+            cfg.trainer,
+            logger=loggers or False,
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+        )
 
     resumed = resumed_run_dir(ckpt_path)
     if resumed is not None and trainer.is_global_zero:
@@ -153,13 +158,15 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
             metrics[tags.TRAIN_SAMPLES_PER_S] = callback.samples_per_s
         if hasattr(callback, "skipped_batches"):
             metrics[tags.TRAIN_SKIPPED_BATCHES] = callback.skipped_batches
+    metrics["epoch"] = trainer.current_epoch
+    metrics["global_step"] = trainer.global_step
     if test if test is not None else cfg.get("test", False):
         # The final model's test/* numbers, exactly as vae-eval computes them (the sample scores
         # need vae-eval), at the final step, in the run's event file of test numbers at that
         # step: a later vae-eval of last.ckpt replaces them rather than adding a second point.
         from vae.eval.suite import evaluate_split, non_finite_metrics
         from vae.training.callbacks import NonFiniteLossError
-        from vae.training.tensorboard import summary_writers, write_test_events
+        from vae.training.tensorboard import write_test_events
 
         settings = cfg.eval
         test_metrics = evaluate_split(
@@ -174,20 +181,15 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         bad = non_finite_metrics(test_metrics)
         if bad:
             if trainer.is_global_zero:  # the fit's own record is sound: keep it
-                fit = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
-                write_metrics(run_dir, {**metrics, **fit})
+                write_metrics(run_dir, metrics)
             raise NonFiniteLossError(
                 f"the trained model gives non-finite test numbers ({', '.join(bad[:4])}); no "
                 "test/* was written to the run. Its checkpoints are kept: evaluate one with "
                 f"vae-eval ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} (or a best-*.ckpt)."
             )
         if trainer.is_global_zero:
-            for writer in summary_writers(trainer.loggers):
-                writer.flush()  # the training events first (fit's teardown has usually closed it)
             write_test_events(run_dir, test_metrics, trainer.global_step)
         metrics.update(test_metrics)
-    metrics["epoch"] = trainer.current_epoch
-    metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)
         for logger in trainer.loggers:
@@ -204,7 +206,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     from vae.data import DatasetNotFoundError
     from vae.training.callbacks import NonFiniteLossError, RunInterrupted
-    from vae.training.checkpoints import CheckpointError
+    from vae.training.checkpoints import CheckpointError, DiskFullError
     from vae.training.config import ConfigError
     from vae.training.runs import RunLockedError, discard_unused_outputs
 
@@ -217,10 +219,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except RunInterrupted as err:
         print(f"vae-train: {err}", file=sys.stderr)
         sys.exit(143)  # what a death by SIGTERM reports: a chain `vae-train && ...` stops
+    except DiskFullError as err:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        print(
+            f"vae-train: error: {err.strerror}. Free some space, then resume with "
+            f"ckpt_path={last} and the same overrides.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     except (ConfigError, DatasetNotFoundError, CheckpointError, RunLockedError) as err:
         hydra_cfg = HydraConfig.get()
         log_file = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename")
-        discard_unused_outputs(run_dir, hydra_cfg.output_subdir, log_file)
+        discard_unused_outputs(
+            run_dir, hydra_cfg.output_subdir, log_file, log_dir=Path(cfg.paths.log_dir)
+        )
         print(f"vae-train: error: {err}", file=sys.stderr)
         sys.exit(2)
     from lightning.pytorch.utilities import rank_zero_only

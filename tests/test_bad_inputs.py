@@ -251,3 +251,10 @@ def test_bad_tensor_input(name, call, fragment):
 
 def test_the_table_is_large_enough():
     assert len(CLI_CASES) + len(TENSOR_CASES) >= 15
+
+
+def test_every_case_is_a_row_of_the_readme_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Bad input and faults")[1].split("\n## ")[0]
+    names = [case.name for case in CLI_CASES] + [case[0] for case in TENSOR_CASES]
+    assert [name for name in names if f"`{name}`" not in table] == []
