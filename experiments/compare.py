@@ -1,19 +1,31 @@
-"""`vae-compare LOGDIR [LOGDIR ...]`: one row per run, the config keys that differ, the metrics.
+"""`vae-compare LOGDIR [LOGDIR ...]`: one table and one pair of figures per group of comparable
+runs, with the config keys that differ inside the group and the final metrics.
 
     vae-compare logs/beta_sweep
-    vae-compare logs --metrics val/elbo,val/kl,test/nll_iw --out reports/beta
+    vae-compare logs --metrics val/elbo,val/kl,test/nll_iw --out reports/all
 
 Every run under the given folders is found (a run is a folder with TensorBoard event files or
 a ``metrics.json``; multirun jobs included). Final scalars are read with TensorBoard's own
 ``EventAccumulator`` (the last value of each tag), completed by ``metrics.json``; each run's
-config comes from its ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``. A run whose files
-cannot be read (a ``metrics.json`` that is not a JSON object, a corrupt config, unreadable event
-files) is left out with a note that says why; the others are compared. Written to ``--out``:
+config comes from its ``.hydra/config.yaml`` (interpolations resolved, see
+:func:`resolved_config`) and ``.hydra/overrides.yaml``. A run whose files cannot be read (a
+``metrics.json`` that is not a JSON object, a corrupt config, unreadable event files) is left out
+with a note that says why; the others are compared.
 
-* ``runs.csv`` and ``runs.md``: the table that is also printed;
-* ``rate_distortion.png``: KL (rate) against reconstruction NLL (distortion), one labelled point
-  per run, both in nats per example;
+Runs are grouped by their run name (``--group-by name``: the experiment preset's name, or
+``<model>_<data>`` by default; the folder under ``logs/``), so that a β sweep on digits, a VQ-VAE
+and a Fashion-MNIST run never share a table or an axis. Inside a group the table shows the keys
+that differ (resolved; keys set on the command line first; at most MAX_KEY_COLUMNS, the others
+named below it) and names each run by them in the figures. Written to ``--out`` for each group
+(in ``--out`` itself when there is one group, else in ``--out/<group>/``):
+
+* ``runs.csv`` (every differing key, and each run's path) and ``runs.md`` (the printed table);
+* ``rate_distortion.png``: KL (rate) against reconstruction NLL (distortion), one point per run,
+  both in nats per example;
 * ``learning_curves.png``: the chosen tags against the training step, one line per run.
+
+With several groups, ``--out`` also holds ``runs.csv`` of all runs (with a ``group`` column),
+``runs.md`` with every group's table, and ``rate_distortion.png`` with one panel per group.
 """
 
 from __future__ import annotations
@@ -23,12 +35,18 @@ import csv
 import json
 import math
 import os
+import re
 import sys
-import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from experiments.compare_plots import (
+    plot_learning_curves,
+    plot_rate_distortion,
+    plot_rate_distortion_panels,
+)
 
 DEFAULT_METRICS = (
     "val/elbo",
@@ -45,20 +63,39 @@ DEFAULT_METRICS = (
     "test/classifier_score",
 )
 DEFAULT_CURVES = ("train/loss", "val/elbo", "val/kl", "val/recon")
+# Runs with the same run name (`name`: the experiment preset's, else ${choice:model}_${choice:data})
+# are compared with each other. A run whose config has none of the --group-by keys is grouped by
+# its model and data classes.
+DEFAULT_GROUP_BY = ("name",)
+FALLBACK_GROUP_KEYS = ("model._target_", "data._target_")
 # Config keys that differ between runs without saying anything about the experiment: the same
 # ones vae-train leaves out of the HParams record (where files go, logging, callbacks).
 IGNORED_PREFIXES = ("paths.", "hydra.", "callbacks.", "logger.", "eval.")
 IGNORED_KEYS = frozenset({"trainer.default_root_dir", "ckpt_path"})
+# The printed table shows at most this many differing keys (runs.csv has them all), and cuts any
+# cell longer than TEXT_CELL_WIDTH characters in the middle. After the keys set on the command
+# line, keys are ordered by these sections, then alphabetically.
+MAX_KEY_COLUMNS = 6
+TEXT_CELL_WIDTH = 32
+KEY_SECTIONS = ("model", "data", "trainer")
 EVENT_FILE_PREFIX = "events.out.tfevents"
 METRICS_FILE = "metrics.json"
 SKIPPED_FOLDERS = frozenset({"checkpoints", ".hydra", "comparison"})
 MISSING = "-"
-# Legend entries and point annotations: a run label is wrapped to lines of this many characters
-# and cut after this many lines (the table keeps it whole). At font size 8, 60 characters are
-# about 4 inches, so two entries fit side by side on the 12-inch learning-curves figure.
-PLOT_LABEL_WIDTH = 60
-PLOT_LABEL_LINES = 3
-LEGEND_FONT_SIZE = 8
+
+# Interpolations in a saved config. ${choice:GROUP} is vae-train's run name, answered from the
+# run's own .hydra/hydra.yaml. Any other resolver call (${now:...}, ${hydra:...}, ${run_id:}) gave
+# its value when the run started and would give another one now: its text is kept as written.
+# ALIAS: a value that is nothing but a reference to another key (model.encoder.arch: ${model.arch}).
+CHOICE = re.compile(r"\$\{choice:([\w/]+)\}")
+RESOLVER_CALL = re.compile(r"\$\{\s*[\w.\-]+\s*:")
+ALIAS = re.compile(r"\$\{\s*[\w.]+\s*\}")
+# vae-train's run folders: <date>_<time>_<id>[_<overrides>], multirun_<date>_<time>_<id>, and the
+# jobs of a multirun <number>[_<overrides>]; a table names a run by the <id> and job number only.
+RUN_FOLDER = re.compile(
+    r"(?:multirun_)?\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_(?P<short>[0-9a-f]{6})(?:_.*)?"
+)
+JOB_FOLDER = re.compile(r"(?P<short>\d+)(?:_.*)?")
 
 
 class CompareError(ValueError):
@@ -72,12 +109,15 @@ class UnreadableRunError(ValueError):
 @dataclass
 class Run:
     path: Path
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # flattened, interpolations resolved
     overrides: list[str] = field(default_factory=list)
+    aliases: set[str] = field(default_factory=set)  # keys whose saved value is ${another.key}
     final: dict[str, float] = field(default_factory=dict)
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    name: str = ""
-    label: str = ""
+    name: str = ""  # the folder below the one common to all compared runs (notes)
+    group: str = ""
+    table_name: str = ""  # in its group's table: short, see table_names
+    label: str = ""  # in its group's figures: the differing keys, key=value, ...
 
 
 # --- finding and reading runs ---------------------------------------------------------------
@@ -156,14 +196,71 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def read_config(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
-    """(flattened config as saved, the overrides) of a run; empty where the files are missing.
+def _map_strings(node: Any, function) -> Any:
+    """``node`` (nested dicts and lists) with ``function`` applied to every string in it."""
+    if isinstance(node, dict):
+        return {key: _map_strings(value, function) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_map_strings(value, function) for value in node]
+    return function(node) if isinstance(node, str) else node
+
+
+def resolved_config(
+    container: dict[str, Any], choices: dict[str, Any]
+) -> tuple[dict[str, Any], set[str]]:
+    """(the flattened config with its interpolations resolved, the keys that are aliases).
+
+    ``${model.code_dim}`` becomes the value of ``model.code_dim``, ``${choice:model}`` the group
+    option in ``choices`` (the run's ``hydra.runtime.choices``). Resolver calls are not made
+    (their values belonged to the start of the run): such a value, and any key whose value cannot
+    be resolved, keeps its text as written. An alias is a key whose whole saved value is a
+    reference to another key (``model.encoder.arch: ${model.arch}``).
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vae.training.tensorboard import flatten_config
+
+    def literal(text: str) -> str:
+        text = CHOICE.sub(lambda m: str(choices.get(m.group(1), m.group(0))), text)
+        return text.replace("${", "\\${") if RESOLVER_CALL.search(text) else text
+
+    container = _map_strings(container, literal)
+    config = OmegaConf.create(container)
+    resolved, aliases = {}, set()
+    for key, value in flatten_config(container).items():
+        if isinstance(value, str) and "${" in value:
+            if ALIAS.fullmatch(value):
+                aliases.add(key)
+            try:
+                node = OmegaConf.select(config, key, throw_on_resolution_failure=True)
+                if OmegaConf.is_config(node):
+                    node = OmegaConf.to_container(node, resolve=True)
+            except (OmegaConfBaseException, ValueError):  # a missing key, a bad interpolation
+                node = value.replace("\\${", "${")
+            # As flatten_config writes values: None and lists as their text.
+            value = node if isinstance(node, (bool, int, float, str)) else str(node)
+        resolved[key] = value
+    return resolved, aliases
+
+
+def _saved_choices(run_dir: Path) -> dict[str, Any]:
+    """The run's config group options (``hydra.runtime.choices`` in ``.hydra/hydra.yaml``)."""
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    choices = _load_yaml(hydra_file, run_dir) if hydra_file.is_file() else {}
+    for key in ("hydra", "runtime", "choices"):
+        choices = choices.get(key) if isinstance(choices, dict) else None
+    return choices if isinstance(choices, dict) else {}
+
+
+def read_config(run_dir: Path) -> tuple[dict[str, Any], list[str], set[str]]:
+    """(flattened resolved config, the overrides, the alias keys) of a run; empty where the
+    files are missing.
 
     Raises UnreadableRunError for a file that is not YAML or does not hold the expected kind.
     """
-    from vae.training.tensorboard import flatten_config
-
     config: dict[str, Any] = {}
+    aliases: set[str] = set()
     overrides: list[str] = []
     config_file = run_dir / ".hydra" / "config.yaml"
     if config_file.is_file():
@@ -172,8 +269,8 @@ def read_config(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
             raise UnreadableRunError(
                 f".hydra/config.yaml holds {_kind(container)}, not a mapping of config keys"
             )
-        config = flatten_config(container)
-        config = _resolve_group_choices(config, run_dir)
+        choices = _saved_choices(run_dir) if CHOICE.search(str(container)) else {}
+        config, aliases = resolved_config(container, choices)
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
         saved = _load_yaml(overrides_file, run_dir)
@@ -182,30 +279,7 @@ def read_config(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
                 f".hydra/overrides.yaml holds {_kind(saved)}, not a list of overrides"
             )
         overrides = [str(o) for o in saved or []]
-    return config, overrides
-
-
-def _resolve_group_choices(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Replace ``${choice:model}`` (vae-train's default run name) by the group option the run
-    used, read from the run's saved ``hydra.runtime.choices``."""
-    import re
-
-    hydra_file = run_dir / ".hydra" / "hydra.yaml"
-    if not hydra_file.is_file():
-        return config
-    pattern = re.compile(r"\$\{choice:([\w/]+)\}")
-    if not any(isinstance(v, str) and pattern.search(v) for v in config.values()):
-        return config
-    choices = _load_yaml(hydra_file, run_dir)
-    for key in ("hydra", "runtime", "choices"):
-        choices = choices.get(key) if isinstance(choices, dict) else None
-    choices = choices if isinstance(choices, dict) else {}
-    return {
-        key: pattern.sub(lambda m: str(choices.get(m.group(1), m.group(0))), value)
-        if isinstance(value, str)
-        else value
-        for key, value in config.items()
-    }
+    return config, overrides, aliases
 
 
 def read_metrics_file(run_dir: Path) -> dict[str, Any]:
@@ -231,7 +305,7 @@ def read_run(run_dir: Path) -> Run:
     Raises UnreadableRunError, naming the file and the problem, when one of them cannot be read.
     """
     run = Run(path=run_dir)
-    run.config, run.overrides = read_config(run_dir)
+    run.config, run.overrides, run.aliases = read_config(run_dir)
     saved = read_metrics_file(run_dir)
     try:
         run.series = read_scalars(run_dir)
@@ -267,16 +341,69 @@ def read_runs(paths: Sequence[Path]) -> tuple[list[Run], list[str]]:
     return runs, unreadable
 
 
-# --- the table --------------------------------------------------------------------------------
+# --- groups, keys and names ---------------------------------------------------------------------
+def _common_folder(paths: Sequence[Path]) -> Path:
+    return Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+
+
+def _group_value(key: str, value: Any) -> str:
+    """A config value as part of a group name: a class path by its class name."""
+    return str(value).rsplit(".", 1)[-1] if key.endswith("_target_") else str(value)
+
+
+def group_name(run: Run, group_by: Sequence[str]) -> str:
+    """The group of ``run``: its values of the ``group_by`` keys, joined by ``_``; without any
+    of them, its model and data classes; "" when ``group_by`` is empty (one group)."""
+    if not group_by:
+        return ""
+    for keys in (group_by, FALLBACK_GROUP_KEYS):
+        parts = [_group_value(k, run.config[k]) for k in keys if run.config.get(k) is not None]
+        if parts:
+            return "_".join(parts)
+    return "no_config" if not run.config else "other"
+
+
+def group_runs(runs: Sequence[Run], group_by: Sequence[str]) -> dict[str, list[Run]]:
+    """``{group name: its runs}``, groups sorted by name; sets each ``run.group``."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        run.group = group_name(run, group_by)
+        groups.setdefault(run.group, []).append(run)
+    return dict(sorted(groups.items()))
+
+
 def differing_keys(runs: Sequence[Run]) -> list[str]:
     """Config keys whose value is not the same in every run (absent counts as a value).
 
-    Runs without a saved config do not take part.
+    Runs without a saved config do not take part. Left out: keys about where files go and how
+    runs are logged, and aliases (a key that is ``${another.key}`` in every run that has it:
+    that other key is the one to show).
     """
     runs = [run for run in runs if run.config]
     keys = sorted({k for run in runs for k in run.config})
     keys = [k for k in keys if not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS]
+    keys = [k for k in keys if not all(k in run.aliases for run in runs if k in run.config)]
     return [k for k in keys if len({repr(run.config.get(k, MISSING)) for run in runs}) > 1]
+
+
+def order_keys(keys: Sequence[str], runs: Sequence[Run]) -> list[str]:
+    """``keys`` in the order a reader looks for them: those set on the command line first (the
+    key set in most runs first: a sweep's key before a single run's change), then model.*,
+    data.*, trainer.* and the rest, each alphabetically."""
+    given: dict[str, int] = {}  # key -> runs that set it, in the order first seen
+    for run in runs:
+        for override in run.overrides:
+            key = override.lstrip("+~").partition("=")[0]
+            if key in keys:
+                given[key] = given.get(key, 0) + 1
+
+    def section(key: str) -> int:
+        first = key.split(".", 1)[0]
+        return KEY_SECTIONS.index(first) if first in KEY_SECTIONS else len(KEY_SECTIONS)
+
+    return sorted(given, key=lambda k: -given[k]) + sorted(
+        set(keys) - set(given), key=lambda k: (section(k), k)
+    )
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
@@ -291,17 +418,49 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
     }
 
 
+def table_names(paths: Sequence[Path]) -> list[str]:
+    """Names for runs in one table: each folder below the folder common to ``paths``, where
+    vae-train's folder names are cut to their random id and job number (``de338f/0``): the time
+    is not needed to tell runs apart, and the overrides are in the key columns. The whole
+    relative paths where the short names are not unique."""
+    common = _common_folder(paths)
+    whole, short = [], []
+    for path in paths:
+        parts = path.relative_to(common).parts or (path.name,)
+        names = []
+        for index, part in enumerate(parts):
+            in_multirun = (common / Path(*parts[:index])).name.startswith("multirun_")
+            match = RUN_FOLDER.fullmatch(part) or (in_multirun and JOB_FOLDER.fullmatch(part))
+            names.append(match["short"] if match else part)
+        whole.append("/".join(parts))
+        short.append("/".join(names))
+    return short if len(set(short)) == len(short) else whole
+
+
 def name_runs(runs: Sequence[Run], keys: Sequence[str]) -> None:
-    """Each run's table name (its path below the common folder) and plot label (what differs)."""
-    paths = [run.path for run in runs]
-    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+    """Each run's table name and its label in the figures: ``short key=value`` for ``keys``
+    (the table name too where two runs would have the same label)."""
     short = short_names(keys)
+    for run, name in zip(runs, table_names([run.path for run in runs]), strict=True):
+        run.table_name = name
+        run.label = ", ".join(f"{short[k]}={format_value(run.config.get(k))}" for k in keys)
+    labels = [run.label for run in runs]
     for run in runs:
-        run.name = str(run.path.relative_to(common)) if run.path != common else run.path.name
-        parts = [f"{short[k]}={run.config.get(k, MISSING)}" for k in keys]
-        run.label = ", ".join(parts) if parts else run.path.name
+        if not run.label or labels.count(run.label) > 1:
+            run.label = f"{run.label} ({run.table_name})" if run.label else run.table_name
 
 
+def _sort_key(run: Run, keys: Sequence[str]) -> tuple:
+    """Rows in the order of their key values (numbers as numbers), then by folder."""
+    values = []
+    for key in keys:
+        value = run.config.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        values.append((0, value, "") if number else (1, 0, str(value)))
+    return (*values, str(run.path))
+
+
+# --- tables -------------------------------------------------------------------------------------
 def format_value(value: Any) -> str:
     if value is None:
         return MISSING
@@ -311,17 +470,25 @@ def format_value(value: Any) -> str:
 
 
 def build_table(runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str]):
-    """(header, rows) with one row per run: its name, the differing keys, the metrics."""
+    """(header, rows) with one row per run: its table name, the keys, the metrics."""
     header = ["run", *keys, *metrics]
     rows = [
-        [run.name, *(run.config.get(k) for k in keys), *(run.final.get(m) for m in metrics)]
+        [run.table_name, *(run.config.get(k) for k in keys), *(run.final.get(m) for m in metrics)]
         for run in runs
     ]
     return header, rows
 
 
+def _cut(text: str, width: int = TEXT_CELL_WIDTH) -> str:
+    """``text`` cut in the middle to ``width`` characters (both ends tell values apart)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
+
+
 def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [list(header)] + [[format_value(v) for v in row] for row in rows]
+    cells = [[_cut(c) for c in header]] + [[_cut(format_value(v)) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
@@ -346,134 +513,127 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
         writer.writerows([["" if v is None else v for v in row] for row in rows])
 
 
-# --- plots --------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
+# --- one group ----------------------------------------------------------------------------------
+@dataclass
+class GroupReport:
+    name: str
+    runs: list[Run]
+    keys: list[str]  # every differing key, in order; the table shows the first MAX_KEY_COLUMNS
+    metrics: list[str]
+    written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    matplotlib.use("Agg")  # files only; no display needed
-    # Run labels are config values: a '$' in one must print as itself, not start mathtext.
-    matplotlib.rcParams["text.parse_math"] = False
-    import matplotlib.pyplot as plt
+    @property
+    def shown_keys(self) -> list[str]:
+        return self.keys[:MAX_KEY_COLUMNS]
 
-    return plt
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        return build_table(self.runs, self.shown_keys, self.metrics)
+
+    def text(self) -> str:
+        """The printed table, and below it the differing keys it leaves out."""
+        text = text_table(*self.table())
+        hidden = self.keys[MAX_KEY_COLUMNS:]
+        if hidden:
+            more = f" and {len(hidden) - 6} more" if len(hidden) > 6 else ""
+            text += f"\nalso differ (in runs.csv): {', '.join(hidden[:6])}{more}"
+        return text
+
+    def heading(self) -> str:
+        """``NAME: N runs of MODEL on DATA in FOLDER``, the classes where the group has one."""
+        what = ""
+        for key, word in zip(FALLBACK_GROUP_KEYS, (" of ", " on "), strict=True):
+            values = {run.config.get(key) for run in self.runs}
+            if len(values) == 1 and None not in values:
+                what += word + _group_value(key, values.pop())
+        folder = _shown_path(_common_folder([run.path for run in self.runs]))
+        return f"{self.name}: {_count(len(self.runs), 'run')}{what} in {folder}"
 
 
-def plot_label(label: str) -> str:
-    """A run label as a legend entry or a point annotation shows it: wrapped, cut after
-    PLOT_LABEL_LINES lines, and never starting with "_", which matplotlib takes to mean "leave
-    this out of the legend" (also for labels passed explicitly)."""
-    text = textwrap.fill(label, PLOT_LABEL_WIDTH, max_lines=PLOT_LABEL_LINES, placeholder=" ...")
-    return " " + text if text.startswith("_") else text
+def report_group(name: str, runs: Sequence[Run], metrics: Sequence[str] | None) -> GroupReport:
+    """The keys, names and metric columns of one group of runs, rows in key order."""
+    keys = order_keys(differing_keys(runs), runs)
+    runs = sorted(runs, key=lambda run: _sort_key(run, keys))
+    name_runs(runs, keys[:MAX_KEY_COLUMNS])
+    if metrics is None:  # the defaults that any run of the group has
+        metrics = [m for m in DEFAULT_METRICS if any(m in run.final for run in runs)]
+    return GroupReport(name, list(runs), keys, list(metrics))
 
 
-def legend_columns(labels: Sequence[str], figure_width_inches: float) -> int:
-    """How many legend entries fit side by side: at most 4, at least 1 (0 makes matplotlib
-    raise)."""
-    widest = max((len(line) for label in labels for line in label.splitlines()), default=1)
-    # A character is ~0.6 of the font size wide; ~6 more for the line sample and the gap.
-    characters_across = figure_width_inches * 72 / (0.6 * LEGEND_FONT_SIZE)
-    return max(1, min(4, len(labels), int(characters_across // (widest + 6))))
+def write_group(
+    group: GroupReport, out_dir: Path, rate: str, distortion: str, curves: Sequence[str]
+) -> None:
+    """runs.csv (every differing key, and the paths), runs.md and the two figures."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, rows = build_table(group.runs, group.keys, group.metrics)
+    paths = [_shown_path(run.path) for run in group.runs]
+    write_csv(
+        out_dir / "runs.csv",
+        [*header, "path"],
+        [[*row, path] for row, path in zip(rows, paths, strict=True)],
+    )
+    (out_dir / "runs.md").write_text(markdown_table(*group.table()))
+    group.written += [out_dir / "runs.csv", out_dir / "runs.md"]
+    if plot_rate_distortion(group.runs, rate, distortion, out_dir / "rate_distortion.png"):
+        group.written.append(out_dir / "rate_distortion.png")
+    else:
+        group.notes.append(
+            f"rate_distortion.png not written: no run has both {rate} and {distortion}."
+        )
+    if plot_learning_curves(group.runs, curves, out_dir / "learning_curves.png"):
+        group.written.append(out_dir / "learning_curves.png")
+    else:
+        group.notes.append(
+            f"learning_curves.png not written: no run has any of {', '.join(curves)}."
+        )
 
 
-def plot_rate_distortion(runs: Sequence[Run], rate: str, distortion: str, path: Path) -> int:
-    """Scatter of (rate, distortion) per run, labelled; returns the number of points drawn."""
-    points = [
-        (run.final[rate], run.final[distortion], run.label)
-        for run in runs
-        if rate in run.final and distortion in run.final
+def _folder_names(names: Sequence[str]) -> list[str]:
+    """A folder name for each group: its name with only [A-Za-z0-9_.-] kept, made unique."""
+    folders: list[str] = []
+    for name in names:
+        folder = re.sub(r"[^\w.\-]+", "_", name).strip("._") or "group"
+        while folder in folders:
+            folder += "_"
+        folders.append(folder)
+    return folders
+
+
+def write_overview(groups: Sequence[GroupReport], out_dir: Path, rate: str, distortion: str):
+    """Several groups: runs.csv of all runs (with their group), runs.md with each group's
+    table under its heading, rate_distortion.png with a panel per group; returns the paths."""
+    keys = list(dict.fromkeys(k for group in groups for k in group.keys))
+    metrics = list(dict.fromkeys(m for group in groups for m in group.metrics))
+    header = ["group", "run", *keys, *metrics, "path"]
+    rows = [
+        [group.name, *build_table([run], keys, metrics)[1][0], _shown_path(run.path)]
+        for group in groups
+        for run in group.runs
     ]
-    if not points:
-        return 0
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    rates, distortions, labels = zip(*points, strict=True)
-    ax.scatter(rates, distortions, s=36, zorder=3)
-    for x, y, label in points:
-        ax.annotate(
-            plot_label(label), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8
-        )
-    # Lines of constant -ELBO = rate + distortion: moving along one trades bits for fidelity.
-    low, high = min(r + d for r, d, _ in points), max(r + d for r, d, _ in points)
-    x_max = max(rates) * 1.1 + 1e-9
-    for total in {low, high}:
-        ax.plot([0, x_max], [total, total - x_max], ls=":", lw=0.8, color="grey", zorder=1)
-    ax.set_xlim(left=min(0.0, min(rates)), right=x_max)
-    margin = 0.1 * (max(distortions) - min(distortions) or abs(max(distortions)) or 1.0)
-    ax.set_ylim(min(distortions) - margin, max(distortions) + margin)
-    ax.set_xlabel(f"rate: {rate} (nats per example)")
-    ax.set_ylabel(f"distortion: {distortion} (nats per example)")
-    ax.set_title("Rate-distortion (dotted: constant -ELBO)")
-    ax.grid(alpha=0.3)
-    # Not tight_layout: it cannot fit an annotation that runs past the axes and warns; the
-    # tight bounding box widens the saved image to take it in instead.
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return len(points)
-
-
-def curve_tags(runs: Sequence[Run], tags: Sequence[str]) -> list[str]:
-    """The ``tags`` that some run has points of: the panels of the learning curves."""
-    return [tag for tag in tags if any(run.series.get(tag) for run in runs)]
-
-
-def learning_curves_figure(runs: Sequence[Run], tags: Sequence[str]):
-    """One panel per tag that any run has, one colour per run in every panel, and a legend
-    below with one entry per run drawn; None when no run has any of ``tags``."""
-    drawn = curve_tags(runs, tags)
-    if not drawn:
-        return None
-    plt = _pyplot()
-    columns = min(2, len(drawn))
-    rows = math.ceil(len(drawn) / columns)
-    width = 6.0 * columns
-    fig, axes = plt.subplots(rows, columns, figsize=(width, 3.6 * rows), dpi=110, squeeze=False)
-    # The colour is fixed per run: each panel's own colour cycle would give a run that is
-    # missing from one panel another run's colour there.
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    legend: dict[int, tuple[Any, str]] = {}  # run index -> (its first line, its legend label)
-    for ax, tag in zip(axes.flat, drawn, strict=False):
-        for index, run in enumerate(runs):
-            if run.series.get(tag):
-                steps, values = zip(*run.series[tag], strict=True)
-                label = plot_label(run.label)
-                (line,) = ax.plot(
-                    steps,
-                    values,
-                    label=label,
-                    color=colours[index % len(colours)],
-                    marker="." if len(steps) < 30 else None,
-                )
-                legend.setdefault(index, (line, label))
-        ax.set_title(tag)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(drawn) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    if legend:  # handles passed explicitly: a run missing from the first panel is listed too
-        handles, labels = zip(*(legend[i] for i in sorted(legend)), strict=True)
-        fig.legend(
-            handles,
-            labels,
-            loc="upper center",
-            bbox_to_anchor=(0.5, 0.0),  # below the panels; savefig's tight box takes it in
-            ncol=legend_columns(labels, width),
-            fontsize=LEGEND_FONT_SIZE,
-        )
-    return fig
-
-
-def plot_learning_curves(runs: Sequence[Run], tags: Sequence[str], path: Path) -> list[str]:
-    """Write :func:`learning_curves_figure` to ``path``; returns the tags drawn."""
-    fig = learning_curves_figure(runs, tags)
-    if fig is None:
-        return []
-    fig.savefig(path, bbox_inches="tight")
-    _pyplot().close(fig)
-    return curve_tags(runs, tags)
+    write_csv(out_dir / "runs.csv", header, rows)
+    sections = [f"## {group.heading()}\n\n{markdown_table(*group.table())}" for group in groups]
+    (out_dir / "runs.md").write_text("\n".join(sections))
+    written = [out_dir / "runs.csv", out_dir / "runs.md"]
+    panels = {group.name: group.runs for group in groups}
+    if plot_rate_distortion_panels(panels, rate, distortion, out_dir / "rate_distortion.png"):
+        written.append(out_dir / "rate_distortion.png")
+    return written
 
 
 # --- the command --------------------------------------------------------------------------------
+def metric_notes(groups: Sequence[GroupReport], explicit: bool) -> list[str]:
+    """Where a metric column of a group is empty for some runs (those with any metric)."""
+    notes = []
+    columns = list(dict.fromkeys(m for group in groups for m in group.metrics))
+    for metric in columns:
+        among = [r for g in groups if metric in g.metrics for r in g.runs if r.final]
+        lacking = [run.name for run in among if metric not in run.final]
+        if lacking and (explicit or len(lacking) < len(among)):
+            where = "any run" if len(lacking) == len(among) else ", ".join(lacking)
+            notes.append(f"{metric} is missing in {where}.")
+    return notes
+
+
 def compare(
     logdirs: Sequence[str],
     metrics: Sequence[str] | None = None,
@@ -481,8 +641,9 @@ def compare(
     rate: str = "val/kl",
     distortion: str = "val/recon",
     curves: Sequence[str] = DEFAULT_CURVES,
+    group_by: Sequence[str] = DEFAULT_GROUP_BY,
 ) -> dict[str, Any]:
-    """Find, read, tabulate and plot; return what was written and what was missing."""
+    """Find, read, group, tabulate and plot; return what was written and what was missing."""
     paths = find_runs(logdirs)
     if not paths:
         raise CompareError(
@@ -497,11 +658,9 @@ def compare(
             + "; ".join(unreadable[:3])
             + more
         )
-    keys = differing_keys(runs)
-    name_runs(runs, keys)
-    explicit = metrics is not None
-    if metrics is None:  # the defaults that any run has
-        metrics = [m for m in DEFAULT_METRICS if any(m in run.final for run in runs)]
+    common = _common_folder([run.path for run in runs])
+    for run in runs:
+        run.name = str(run.path.relative_to(common)) if run.path != common else run.path.name
     notes = [f"skipped {why}" for why in unreadable]
     for run in runs:
         if not run.config:
@@ -511,45 +670,57 @@ def compare(
                 f"{run.name}: no metrics (no scalars in its event files and no metrics.json); "
                 "did it stop before its first validation?"
             )
-    with_metrics = [run for run in runs if run.final]
-    for metric in metrics:
-        lacking = [run.name for run in with_metrics if metric not in run.final]
-        if lacking and (explicit or len(lacking) < len(with_metrics)):
-            where = "any run" if len(lacking) == len(with_metrics) else ", ".join(lacking)
-            notes.append(f"{metric} is missing in {where}.")
-    header, rows = build_table(runs, keys, metrics)
+    if group_by and not any(key in run.config for run in runs for key in group_by):
+        notes.append(
+            f"--group-by {','.join(group_by)}: no run's config has it; grouped by model and data "
+            "class instead."
+        )
+    groups = [report_group(n, rs, metrics) for n, rs in group_runs(runs, group_by).items()]
+    notes += metric_notes(groups, explicit=metrics is not None)
 
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "runs.csv", header, rows)
-    (out_dir / "runs.md").write_text(markdown_table(header, rows))
-    written = [out_dir / "runs.csv", out_dir / "runs.md"]
-    if plot_rate_distortion(runs, rate, distortion, out_dir / "rate_distortion.png"):
-        written.append(out_dir / "rate_distortion.png")
+    single = len(groups) == 1
+    folders = [""] if single else _folder_names([group.name for group in groups])
+    for group, folder in zip(groups, folders, strict=True):
+        write_group(group, out_dir / folder, rate, distortion, curves)
+        notes += [note if single else f"{group.name}: {note}" for note in group.notes]
+    if single:
+        (group,) = groups
+        table, written = group.text(), group.written
+        header, rows = group.table()
     else:
-        notes.append(f"rate_distortion.png not written: no run has both {rate} and {distortion}.")
-    if plot_learning_curves(runs, curves, out_dir / "learning_curves.png"):
-        written.append(out_dir / "learning_curves.png")
-    else:
-        notes.append(f"learning_curves.png not written: no run has any of {', '.join(curves)}.")
+        written = write_overview(groups, out_dir, rate, distortion)
+        written += [out_dir / folder for folder in folders]
+        table = "\n\n".join(f"== {group.heading()}\n{group.text()}" for group in groups) + "\n"
+        header, rows = [], []
     return {
-        "table": text_table(header, rows),
+        "table": table,
         "header": header,
         "rows": rows,
         "written": written,
         "notes": notes,
-        "runs": runs,
+        "runs": [run for group in groups for run in group.runs],
+        "groups": groups,
     }
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _group_keys(text: str) -> list[str]:
+    return [] if text.strip().lower() == "none" else _comma_list(text)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="vae-compare",
-        description="Table and plots of the runs under LOGDIR(s): differing config keys and final metrics.",
+        description="Table and plots of the runs under LOGDIR(s), one per group of comparable "
+        "runs: the config keys that differ inside the group and the final metrics.",
     )
     parser.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="folders to search for runs")
     parser.add_argument(
@@ -559,7 +730,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated tags for the table (default: common val/ and test/ tags)",
     )
     parser.add_argument(
-        "--out", default="comparison", help="folder for runs.csv, runs.md and the PNGs"
+        "--out",
+        default="comparison",
+        help="folder for runs.csv, runs.md and the PNGs (a subfolder per group if several)",
     )
     parser.add_argument("--rate", default="val/kl", help="x axis of rate_distortion.png")
     parser.add_argument("--distortion", default="val/recon", help="y axis of rate_distortion.png")
@@ -569,6 +742,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=list(DEFAULT_CURVES),
         help="comma-separated tags for learning_curves.png",
     )
+    parser.add_argument(
+        "--group-by",
+        type=_group_keys,
+        default=list(DEFAULT_GROUP_BY),
+        metavar="KEYS",
+        help="comma-separated config keys: runs that share their values are compared together "
+        "(default: name, the run name: experiment, or model_data); 'none': all runs in one table",
+    )
     return parser.parse_args(argv)
 
 
@@ -576,7 +757,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         result = compare(
-            args.logdirs, args.metrics, args.out, args.rate, args.distortion, args.curves
+            args.logdirs,
+            args.metrics,
+            args.out,
+            args.rate,
+            args.distortion,
+            args.curves,
+            args.group_by,
         )
     except CompareError as err:
         print(f"vae-compare: error: {err}", file=sys.stderr)
@@ -584,7 +771,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(result["table"])
     for note in result["notes"]:
         print(f"vae-compare: note: {note}", file=sys.stderr)
-    print(f"{len(result['runs'])} runs; wrote " + ", ".join(str(p) for p in result["written"]))
+    runs = _count(len(result["runs"]), "run")
+    if len(result["groups"]) == 1:
+        print(f"{runs}; wrote " + ", ".join(str(path) for path in result["written"]))
+    else:  # the group folders are named in the headings
+        files = [path.name for path in result["written"] if path.is_file()]
+        print(
+            f"{runs} in {len(result['groups'])} groups; wrote in {args.out}: "
+            + ", ".join(files)
+            + " and a folder per group"
+        )
 
 
 if __name__ == "__main__":

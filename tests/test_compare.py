@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,12 @@ from experiments.compare import (
     compare,
     differing_keys,
     find_runs,
-    learning_curves_figure,
     main,
     read_run,
     short_names,
 )
-from tests.cli import run_cli
+from experiments.compare_plots import learning_curves_figure
+from tests.cli import QUICK, run_cli
 from vae.training import tags
 
 pytestmark = pytest.mark.slow
@@ -67,9 +68,11 @@ def test_table_shows_the_differing_key_and_the_metrics(compared):
     with (workdir / "report" / "runs.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(float(row["model.beta"]) for row in rows) == [0.5, 4.0]
+    # A multirun's jobs are named by their number (the beta column says what differs); the
+    # path column says where each run is.
+    assert sorted(row["run"] for row in rows) == ["0", "1"]
     for row in rows:
-        run_dir = next((workdir / "logs").rglob(row["run"].split("/")[-1]))
-        saved = json.loads((run_dir / "metrics.json").read_text())
+        saved = json.loads((workdir / row["path"] / "metrics.json").read_text())
         # The last val/* value in TensorBoard is the final metric that metrics.json holds.
         for tag in (tags.VAL_ELBO, tags.VAL_KL, tags.VAL_RECON):
             assert float(row[tag]) == pytest.approx(saved[tag], rel=1e-6), tag
@@ -196,15 +199,29 @@ def legend_texts(figure) -> list[str]:
     return [text.get_text() for legend in figure.legends for text in legend.get_texts()]
 
 
-def test_a_vae_and_a_vqvae_are_compared_with_both_in_the_legend(vae_and_vqvae, tmp_path, capsys):
+def test_a_vae_and_a_vqvae_get_a_table_each_unless_grouped_together(
+    vae_and_vqvae, tmp_path, capsys
+):
     main([str(vae_and_vqvae), "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
-    assert captured.out.splitlines()[0].split()[:2] == ["run", "model._target_"]
-    assert "2 runs; wrote" in captured.out and "Traceback" not in captured.err
-    for name in ("runs.csv", "runs.md", "rate_distortion.png", "learning_curves.png"):
+    # No run name in these configs: grouped by model (and data) class.
+    headings = [line for line in captured.out.splitlines() if line.startswith("== ")]
+    assert [h.split(":")[0] for h in headings] == ["== GaussianVAE", "== VQVAE"]
+    assert "model._target_" not in captured.out and "Traceback" not in captured.err
+    assert captured.out.splitlines()[-1].startswith("2 runs in 2 groups; wrote")
+    for group in ("GaussianVAE", "VQVAE"):
+        for name in ("runs.csv", "runs.md", "rate_distortion.png", "learning_curves.png"):
+            assert (tmp_path / "out" / group / name).is_file(), (group, name)
+    for name in ("runs.csv", "runs.md", "rate_distortion.png"):  # the overview
         assert (tmp_path / "out" / name).is_file(), name
 
-    result = compare([vae_and_vqvae], out=tmp_path / "again")
+    # A --group-by key that no run has is named, not silently ignored.
+    typo = compare([vae_and_vqvae], out=tmp_path / "typo", group_by=["model.bta"])
+    assert any(note.startswith("--group-by model.bta: no run") for note in typo["notes"])
+    # --group-by none: one table with both, as before groups existed.
+    result = compare([vae_and_vqvae], out=tmp_path / "together", group_by=[])
+    assert result["header"][:2] == ["run", "model._target_"]
+    assert not [p for p in (tmp_path / "together").iterdir() if p.is_dir()]
     figure = learning_curves_figure(result["runs"], ["train/loss", "val/elbo", "val/kl"])
     texts = legend_texts(figure)
     # One entry per run, also for the run that is not in the first panel.
@@ -298,7 +315,7 @@ def test_unreadable_event_files_skip_the_run(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     (note,) = [line for line in captured.err.splitlines() if "skipped" in line]
     assert "/b:" in note and "event files" in note and "Permission denied" in note
-    assert captured.out.splitlines()[-1].startswith("1 runs; wrote")
+    assert captured.out.splitlines()[-1].startswith("1 run; wrote")
 
 
 def test_only_broken_runs_is_one_line_and_exit_code_2(tmp_path):
@@ -311,3 +328,192 @@ def test_only_broken_runs_is_one_line_and_exit_code_2(tmp_path):
     assert line.startswith("vae-compare: error: ") and "Traceback" not in proc.stderr
     assert "list_metrics" in line and "invalid_yaml" in line
     assert not (tmp_path / "out").exists()
+
+
+# --- a log folder with several kinds of runs ------------------------------------------------------
+def composed_run(folder: Path, overrides: list[str]) -> Path:
+    """A run folder whose .hydra files are what vae-train saves for ``overrides`` (the config
+    composed by Hydra from conf/, interpolations as written; the group choices; the overrides),
+    with made-up metrics and curves."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from experiments.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        config = compose("config", overrides=overrides, return_hydra_config=True)
+    container = OmegaConf.to_container(config, resolve=False)
+    choices = container.pop("hydra")["runtime"]["choices"]
+    write_fake_run(folder, container, METRICS, CURVES)
+    hydra = {"hydra": {"runtime": {"choices": choices}}}
+    (folder / ".hydra" / "hydra.yaml").write_text(json.dumps(hydra))
+    (folder / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mixed(sweep, tmp_path_factory) -> Path:
+    """The real β sweep on digits (2 runs, logs/vae_digits/multirun_*/), a digits run with
+    the conv architecture next to it, two VQ-VAE runs (code_dim 64 and 16) and a Fashion-MNIST
+    run; the last four with configs as vae-train saves them. Returns the working folder."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(sweep / "logs", work / "logs", ignore=shutil.ignore_patterns("checkpoints"))
+    same = ["trainer.max_epochs=2", *QUICK]
+    composed_run(
+        work / "logs/vae_digits/2026-01-01_10-00-00_c0c0a1_model.arch-conv",
+        ["model.arch=conv", *same],
+    )
+    composed_run(work / "logs/vqvae_digits/2026-01-01_10-00-01_a0a0a2", ["model=vqvae", *same])
+    composed_run(
+        work / "logs/vqvae_digits/2026-01-01_10-00-02_b0b0a3_model.code_dim-16",
+        ["model=vqvae", "model.code_dim=16", *same],
+    )
+    composed_run(
+        work / "logs/vae_fashion/2026-01-01_10-00-03_f0f0a4", ["experiment=vae_fashion", *QUICK]
+    )
+    return work
+
+
+def sections(stdout: str) -> dict[str, list[str]]:
+    """The printed tables by group name: the lines after each ``== NAME: ...`` heading."""
+    found: dict[str, list[str]] = {}
+    for block in stdout.strip().split("\n\n"):
+        heading, *lines = block.splitlines()
+        if heading.startswith("== "):
+            found[heading[3:].split(":")[0]] = lines
+    return found
+
+
+def test_a_mixed_log_folder_gives_one_narrow_table_per_group(mixed):
+    proc = run_cli("vae-compare", "logs", "--out", "report", cwd=mixed)
+    tables = sections(proc.stdout)
+    assert list(tables) == ["vae_digits", "vae_fashion", "vqvae_digits"]
+    for name, lines in tables.items():
+        assert all(len(line) < 120 for line in lines), (name, max(map(len, lines)))
+    assert all(len(line) < 120 for line in proc.stdout.splitlines())
+    # Only the keys that differ inside a group; the sweep's key first, then the single change.
+    digits = tables["vae_digits"]
+    assert digits[0].split()[:3] == ["run", "model.beta", "model.arch"]
+    rows = [row.split()[:3] for row in digits[2:]]
+    assert [row[1:] for row in rows] == [["0.5", "mlp"], ["1", "conv"], ["4", "mlp"]]
+    # Named by vae-train's run id (and job number): the time and the overrides are left out.
+    assert re.fullmatch(r"[0-9a-f]{6}/0", rows[0][0]) and rows[1][0] == "c0c0a1", rows
+    assert tables["vqvae_digits"][0].split()[:2] == ["run", "model.code_dim"]
+    assert tables["vae_fashion"][0].split()[:2] == ["run", tags.VAL_ELBO]  # one run: no keys
+    assert "${" not in proc.stdout and "_target_" not in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("6 runs in 3 groups; wrote in report: runs.csv")
+    for group in tables:
+        rows = list(csv.DictReader((mixed / "report" / group / "runs.csv").open()))
+        assert all("${" not in value for row in rows for value in row.values()), group
+        for name in ("rate_distortion.png", "learning_curves.png"):
+            image = imread(mixed / "report" / group / name)
+            assert image[..., :3].std() > 0.05, f"{group}/{name} looks blank"
+    overview = list(csv.DictReader((mixed / "report" / "runs.csv").open()))
+    assert sorted({row["group"] for row in overview}) == list(tables) and len(overview) == 6
+
+
+def test_each_figure_of_a_group_names_its_runs_by_the_differing_keys(mixed, tmp_path):
+    import warnings
+
+    from experiments.compare_plots import rate_distortion_figure
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = compare([mixed / "logs"], out=tmp_path / "report")
+    assert [str(w.message) for w in caught if "matplotlib" in w.filename] == []
+    labels = {group.name: sorted(run.label for run in group.runs) for group in result["groups"]}
+    assert labels == {
+        "vae_digits": ["beta=0.5, arch=mlp", "beta=1, arch=conv", "beta=4, arch=mlp"],
+        "vae_fashion": ["f0f0a4"],  # alone in its group: named by its run id
+        "vqvae_digits": ["code_dim=16", "code_dim=64"],
+    }
+    for group in result["groups"]:
+        for figure in (
+            learning_curves_figure(group.runs, ["train/loss", "val/elbo", "val/kl"]),
+            rate_distortion_figure(group.runs, "val/kl", "val/recon"),
+        ):
+            assert sorted(legend_texts(figure)) == labels[group.name]
+
+
+def test_interpolations_are_resolved_and_aliases_left_out(mixed):
+    (vq64, vq16) = sorted((mixed / "logs" / "vqvae_digits").iterdir())
+    run = read_run(vq16)
+    # latent_dim: ${model.code_dim}; the quantizer's keys point at the model's.
+    assert run.config["model.latent_dim"] == 16 and run.config["model.code_dim"] == 16
+    assert run.config["model.quantizer.num_codes"] == run.config["model.num_codes"] > 0
+    assert run.config["name"] == "vqvae_digits"  # ${choice:model}_${choice:data}
+    assert {"model.latent_dim", "model.quantizer.num_codes"} <= run.aliases
+    # Resolvers that only Hydra at the run's start could answer keep their text.
+    assert run.config["paths.output_dir"] == "${hydra:runtime.output_dir}"
+    assert differing_keys([read_run(vq64), run]) == ["model.code_dim"]
+
+
+def test_resolved_config_falls_back_per_key():
+    from experiments.compare import resolved_config
+
+    config, aliases = resolved_config(
+        {
+            "model": {"arch": "mlp", "hidden_dims": [8, 4], "latent_dim": 8},
+            "encoder": {"arch": "${model.arch}", "dims": "${model.hidden_dims}"},
+            "name": "${choice:model}_${choice:data}",
+            "started": "${now:%Y-%m-%d}",
+            "output": "${paths.output_dir}",
+            "paths": {"output_dir": "${hydra:runtime.output_dir}"},
+            "missing": "${model.nothing}",
+            "text": "z${model.latent_dim}",
+        },
+        choices={"model": "vae"},
+    )
+    assert config["encoder.arch"] == "mlp" and config["encoder.dims"] == "[8, 4]"
+    assert config["name"] == "vae_${choice:data}"  # only choices the run saved
+    assert config["started"] == "${now:%Y-%m-%d}"  # not today's date
+    assert config["output"] == "${hydra:runtime.output_dir}"  # nor Hydra's answer
+    assert config["missing"] == "${model.nothing}" and config["text"] == "z8"
+    assert aliases == {"encoder.arch", "encoder.dims", "output", "missing"}
+
+
+def test_no_two_runs_of_a_figure_share_a_style(tmp_path):
+    from experiments.compare_plots import rate_distortion_figure
+
+    for count in (23, 45):
+        runs = [
+            Run(
+                path=tmp_path / f"r{i}",
+                label=f"seed={i}",
+                series={"val/elbo": [(1, -i), (2, -i - 1.0)]},
+                final={"val/kl": float(i), "val/recon": 30.0 - i},
+            )
+            for i in range(count)
+        ]
+        (ax,) = learning_curves_figure(runs, ["val/elbo"]).axes
+        styles = {(str(line.get_color()), line.get_linestyle()) for line in ax.get_lines()}
+        assert len(styles) == count
+        (ax,) = rate_distortion_figure(runs, "val/kl", "val/recon").axes
+        points = [c for c in ax.collections]
+        marks = {(tuple(c.get_facecolor()[0]), c.get_paths()[0].vertices.tobytes()) for c in points}
+        assert len(points) == count and len(marks) == count
+        assert len(legend_texts(ax.figure)) == count
+
+
+def test_run_names_in_a_table(tmp_path):
+    from experiments.compare import table_names
+
+    sweep = tmp_path / "vae_digits" / "multirun_2026-01-01_10-00-00_de338f"
+    paths = [
+        sweep / "0_model.beta-0.5__trainer.max_epochs-2",
+        sweep / "1_model.beta-4",
+        tmp_path / "vae_digits" / "2026-01-01_10-00-05_9523fc_model.arch-conv",
+        tmp_path / "vae_digits" / "my_run_2",
+    ]
+    assert table_names(paths) == ["de338f/0", "de338f/1", "9523fc", "my_run_2"]
+    assert table_names(paths[:2]) == ["0", "1"]  # one multirun: its job numbers
+    # Outside a multirun a number is a folder name like any other; names that would clash
+    # are given whole.
+    assert table_names([tmp_path / "2_a", tmp_path / "3"]) == ["2_a", "3"]
+    twins = [
+        tmp_path / "2026-01-01_10-00-00_aaaaaa_model.beta-1",
+        tmp_path / "2026-01-01_10-00-00_aaaaaa",
+    ]
+    assert table_names(twins) == [twins[0].name, twins[1].name]
