@@ -323,6 +323,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def _hydra_main(cfg: DictConfig) -> None:
+    from vae.training.library_noise import silence_library_noise
+
+    silence_library_noise()
     try:
         run_dir, metrics = evaluate(cfg)
     except EvaluationError as err:

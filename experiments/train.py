@@ -208,8 +208,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from vae.training.callbacks import NonFiniteLossError, RunInterrupted
     from vae.training.checkpoints import CheckpointError, DiskFullError
     from vae.training.config import ConfigError
+    from vae.training.library_noise import silence_library_noise
     from vae.training.runs import RunLockedError, discard_unused_outputs
 
+    silence_library_noise()
     run_dir = Path(cfg.paths.output_dir)
     try:
         metrics = train(cfg)

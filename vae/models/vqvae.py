@@ -191,8 +191,8 @@ class VQVAE(LatentVariableModule):
             "vq_loss": quantized.loss,
             "commitment": quantized.commitment_loss,
             "perplexity": quantized.perplexity,
-            "dead_codes": quantized.dead_codes,
-            "restarted_codes": self.quantizer.num_restarted,
+            "dead_codes": quantized.dead_codes.float(),  # counts; self.log reduces floats
+            "restarted_codes": self.quantizer.num_restarted.float(),
             "kl": kl,
             "elbo": elbo,
         }
