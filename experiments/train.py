@@ -160,6 +160,8 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
             metrics[tags.TRAIN_SKIPPED_BATCHES] = callback.skipped_batches
     metrics["epoch"] = trainer.current_epoch
     metrics["global_step"] = trainer.global_step
+    if trainer.fast_dev_run:  # debug=fdr: one batch, no events, no checkpoints; not a result
+        metrics["fast_dev_run"] = True
     if test if test is not None else cfg.get("test", False):
         # The final model's test/* numbers, exactly as vae-eval computes them (the sample scores
         # need vae-eval), at the final step, in the run's event file of test numbers at that

@@ -49,3 +49,5 @@ def test_preset_runs_with_fast_dev_run(preset: Path, tmp_path: Path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 1
     assert run_dir.parent.name == cfg.name
+    # One batch is no result: its name and its metrics.json say so.
+    assert "debug-fdr" in run_dir.name and metrics["fast_dev_run"] is True
