@@ -34,7 +34,7 @@ class LinearGaussianVAE(nn.Module):
 
     def __init__(self, W, b, sigma, enc_matrix, enc_offset, enc_logvar):
         super().__init__()
-        self.W, self.b, self.log_sigma = W, b, math.log(sigma)
+        self.W, self.b, self.logvar = W, b, 2 * math.log(sigma)
         self.enc_matrix, self.enc_offset, self.enc_logvar = enc_matrix, enc_offset, enc_logvar
         self.latent_dim = W.shape[1]
         self.decode_rows: list[int] = []
@@ -48,7 +48,7 @@ class LinearGaussianVAE(nn.Module):
         return z @ self.W.T + self.b
 
     def reconstruction_nll(self, params, x):
-        return gaussian_nll(params, x, self.log_sigma)
+        return gaussian_nll(params, x, logvar=self.logvar)
 
 
 def ppca(seed: int = 0):

@@ -326,24 +326,35 @@ def test_kl_divergence_module_argument_order_and_reductions():
     target = _random_probs(4, 3, 5, generator=g)  # (batch, time, classes)
     predicted = _random_probs(4, 3, 5, generator=g)
     per_row = categorical_kl(target, predicted)  # KL(target || predicted), shape (4, 3)
-    torch.testing.assert_close(KLDivergence("none")(target, predicted), per_row)
-    torch.testing.assert_close(KLDivergence("sum")(target, predicted), per_row.sum())
-    torch.testing.assert_close(KLDivergence("mean")(target, predicted), per_row.mean())
-    torch.testing.assert_close(KLDivergence()(target, predicted), per_row.sum() / 4)
+    torch.testing.assert_close(KLDivergence("none")(predicted=predicted, target=target), per_row)
+    torch.testing.assert_close(
+        KLDivergence("sum")(predicted=predicted, target=target), per_row.sum()
+    )
+    torch.testing.assert_close(
+        KLDivergence("mean")(predicted=predicted, target=target), per_row.mean()
+    )
+    torch.testing.assert_close(
+        KLDivergence()(predicted=predicted, target=target), per_row.sum() / 4
+    )
     # F.kl_div takes (log predicted, target): same batchmean number, opposite order.
     torch.testing.assert_close(
-        KLDivergence()(target, predicted),
+        KLDivergence()(predicted=predicted, target=target),
         F.kl_div(predicted.log(), target, reduction="batchmean"),
     )
     # The order matters.
-    assert not torch.allclose(KLDivergence()(predicted, target), KLDivergence()(target, predicted))
+    assert not torch.allclose(
+        KLDivergence()(predicted=target, target=predicted),
+        KLDivergence()(predicted=predicted, target=target),
+    )
 
 
 def test_kl_divergence_module_from_logits_distillation():
     g = torch.Generator().manual_seed(5)
     teacher = torch.randn(8, 10, generator=g, requires_grad=False)
     student = torch.randn(8, 10, generator=g, requires_grad=True)
-    loss = KLDivergence(from_logits=True, target_from_logits=True)(teacher, student)
+    loss = KLDivergence(from_logits=True, target_from_logits=True)(
+        predicted=student, target=teacher
+    )
     torch.testing.assert_close(loss, categorical_kl_from_logits(teacher, student).mean())
     expected = F.kl_div(
         student.log_softmax(-1), teacher.log_softmax(-1), reduction="batchmean", log_target=True
@@ -363,11 +374,11 @@ def test_kl_divergence_module_label_smoothing_and_errors():
     expected = np.mean(
         [rel_entr(s, p).sum() for s, p in zip(smooth.numpy(), predicted.numpy(), strict=True)]
     )
-    assert KLDivergence()(smooth, predicted).item() == pytest.approx(expected)
+    assert KLDivergence()(predicted=predicted, target=smooth).item() == pytest.approx(expected)
     with pytest.raises(ValueError, match="'reduction'"):
         KLDivergence(reduction="avg")
     with pytest.raises(ValueError, match="KLDivergence: argument 'predicted'"):
-        KLDivergence()(smooth, predicted * 2)
+        KLDivergence()(predicted=predicted * 2, target=smooth)
     assert "batchmean" in repr(KLDivergence())
 
 
@@ -386,7 +397,9 @@ def _labels_and_logits(batch=16, classes=7, seed=11, dtype=torch.float64):
 def test_from_logits_with_one_hot_targets_is_cross_entropy():
     labels, logits = _labels_and_logits()
     one_hot = F.one_hot(labels, 7).double()
-    loss = KLDivergence(from_logits=True)(one_hot, logits)  # H(one_hot) = 0: KL = CE
+    loss = KLDivergence(from_logits=True)(
+        predicted=logits, target=one_hot
+    )  # H(one_hot) = 0: KL = CE
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
     loss.backward()
     assert torch.isfinite(logits.grad).all()
@@ -398,7 +411,7 @@ def test_from_logits_with_one_hot_targets_is_cross_entropy():
 def test_from_logits_with_label_smoothing_is_cross_entropy_minus_target_entropy(smoothing):
     labels, logits = _labels_and_logits(seed=12)
     smooth = F.one_hot(labels, 7).double() * (1 - smoothing) + smoothing / 7
-    loss = KLDivergence(from_logits=True)(smooth, logits)
+    loss = KLDivergence(from_logits=True)(predicted=logits, target=smooth)
     expected = F.cross_entropy(logits, labels, label_smoothing=smoothing) - entropy(smooth).mean()
     torch.testing.assert_close(loss, expected)
 
@@ -406,7 +419,7 @@ def test_from_logits_with_label_smoothing_is_cross_entropy_minus_target_entropy(
 def test_from_logits_does_not_softmax_the_target_probabilities():
     labels, logits = _labels_and_logits(seed=13)
     smooth = F.one_hot(labels, 7).double() * 0.9 + 0.1 / 7
-    loss = KLDivergence("none", from_logits=True)(smooth, logits)
+    loss = KLDivergence("none", from_logits=True)(predicted=logits, target=smooth)
     wrong = categorical_kl_from_logits(smooth, logits)  # KL(softmax(smooth) || ...)
     assert (loss - wrong).abs().min() > 0.01
     torch.testing.assert_close(loss, categorical_kl(smooth, logits.softmax(-1)))
@@ -418,11 +431,18 @@ def test_target_from_logits_is_categorical_kl_from_logits():
     student = torch.randn(5, 3, 9, generator=g, dtype=torch.float64)
     per_row = categorical_kl_from_logits(teacher, student)
     both = {"from_logits": True, "target_from_logits": True}
-    torch.testing.assert_close(KLDivergence("none", **both)(teacher, student), per_row)
-    torch.testing.assert_close(KLDivergence(**both)(teacher, student), per_row.sum() / 5)
+    torch.testing.assert_close(
+        KLDivergence("none", **both)(predicted=student, target=teacher), per_row
+    )
+    torch.testing.assert_close(
+        KLDivergence(**both)(predicted=student, target=teacher), per_row.sum() / 5
+    )
     # Teacher logits against student probabilities: the same number.
     torch.testing.assert_close(
-        KLDivergence("none", target_from_logits=True)(teacher, student.softmax(-1)), per_row
+        KLDivergence("none", target_from_logits=True)(
+            predicted=student.softmax(-1), target=teacher
+        ),
+        per_row,
     )
 
 
@@ -438,14 +458,16 @@ def test_from_logits_reductions(reduction):
         "mean": per_row.mean(),
         "batchmean": per_row.sum() / 4,
     }[reduction]
-    torch.testing.assert_close(KLDivergence(reduction, from_logits=True)(target, logits), expected)
+    torch.testing.assert_close(
+        KLDivergence(reduction, from_logits=True)(predicted=logits, target=target), expected
+    )
 
 
 def test_from_logits_edge_cases_are_exact_with_finite_gradients():
     inf = math.inf
     logits = torch.tensor([[0.0, -inf, 1.0], [0.0, -inf, 1.0]], requires_grad=True)
     target = torch.tensor([[0.5, 0.0, 0.5], [0.5, 0.5, 0.0]])
-    kl = KLDivergence("none", from_logits=True)(target, logits)
+    kl = KLDivergence("none", from_logits=True)(predicted=logits, target=target)
     # Row 0: the target puts no mass where the prediction has none: 0 * log(0/0) = 0.
     log_q = torch.log_softmax(logits.detach()[0], -1)
     expected = 0.5 * (math.log(0.5) - log_q[0]) + 0.5 * (math.log(0.5) - log_q[2])
@@ -453,7 +475,7 @@ def test_from_logits_edge_cases_are_exact_with_finite_gradients():
     # Row 1: target mass 0.5 where the predicted probability is exactly 0: +inf.
     assert kl[1].item() == inf
     target.requires_grad_()
-    kl = KLDivergence("none", from_logits=True)(target, logits)
+    kl = KLDivergence("none", from_logits=True)(predicted=logits, target=target)
     kl[0].backward()
     # Row 0's gradients are finite; row 1's KL is +inf, so its target gradient may be NaN
     # (0 upstream times the infinite d/dp there, exactly as in categorical_kl).
@@ -466,8 +488,8 @@ def test_property_mixed_paths_agree_with_categorical_kl(pq):
     # log of a probability is a valid logit (log 0 = -inf means probability 0).
     p, q = pq
     expected = categorical_kl(p, q)
-    ours = KLDivergence("none", from_logits=True)(p, q.log())
-    theirs = KLDivergence("none", target_from_logits=True)(p.log(), q)
+    ours = KLDivergence("none", from_logits=True)(predicted=q.log(), target=p)
+    theirs = KLDivergence("none", target_from_logits=True)(predicted=q, target=p.log())
     for value in (ours, theirs):
         assert value.item() == expected.item() or value.item() == pytest.approx(
             expected.item(), rel=1e-10, abs=1e-12
@@ -477,15 +499,25 @@ def test_property_mixed_paths_agree_with_categorical_kl(pq):
 def test_from_logits_validation_of_each_argument():
     logits = torch.zeros(2, 4)
     with pytest.raises(ValueError, match="KLDivergence: argument 'target' has rows"):
-        KLDivergence(from_logits=True)(torch.tensor([[2.0, 1.0, 0.5, 0.1]] * 2), logits)
+        KLDivergence(from_logits=True)(
+            predicted=logits, target=torch.tensor([[2.0, 1.0, 0.5, 0.1]] * 2)
+        )
     with pytest.raises(ValueError, match="KLDivergence: argument 'target' has negative"):
-        KLDivergence(from_logits=True)(torch.tensor([[1.5, -0.5, 0.0, 0.0]] * 2), logits)
+        KLDivergence(from_logits=True)(
+            predicted=logits, target=torch.tensor([[1.5, -0.5, 0.0, 0.0]] * 2)
+        )
     with pytest.raises(ValueError, match="KLDivergence: argument 'predicted' contains \\+inf"):
-        KLDivergence(from_logits=True)(UNIFORM_ROWS, torch.tensor([[math.inf, 0, 0, 0]] * 2))
+        KLDivergence(from_logits=True)(
+            predicted=torch.tensor([[math.inf, 0, 0, 0]] * 2), target=UNIFORM_ROWS
+        )
     with pytest.raises(ValueError, match="KLDivergence: argument 'target' contains \\+inf"):
-        KLDivergence(target_from_logits=True)(torch.tensor([[math.inf, 0, 0, 0]] * 2), UNIFORM_ROWS)
+        KLDivergence(target_from_logits=True)(
+            predicted=UNIFORM_ROWS, target=torch.tensor([[math.inf, 0, 0, 0]] * 2)
+        )
     with pytest.raises(ValueError, match="KLDivergence: argument 'predicted' has rows"):
-        KLDivergence(target_from_logits=True)(logits, logits)  # prediction given as logits
+        KLDivergence(target_from_logits=True)(
+            predicted=logits, target=logits
+        )  # prediction given as logits
     with pytest.raises(ValueError, match="'target_from_logits' must be True or False"):
         KLDivergence(target_from_logits="yes")
     assert "target_from_logits=True" in repr(KLDivergence(target_from_logits=True))
@@ -510,11 +542,15 @@ def test_kl_divergence_batchmean_of_an_empty_batch_is_an_error(kwargs):
         match=r"KLDivergence: argument 'target' is an empty batch \(shape \(0, 10\)\); "
         r"pass at least one example",
     ):
-        KLDivergence(**kwargs)(EMPTY_BATCH, EMPTY_BATCH)
+        KLDivergence(**kwargs)(predicted=EMPTY_BATCH, target=EMPTY_BATCH)
     with pytest.raises(ValueError, match="argument 'predicted' is an empty batch"):
-        KLDivergence(**kwargs)(torch.full((10,), 0.1), EMPTY_BATCH)  # broadcast to (0,)
+        KLDivergence(**kwargs)(
+            predicted=EMPTY_BATCH, target=torch.full((10,), 0.1)
+        )  # broadcast to (0,)
     with pytest.raises(ValueError, match="is an empty batch"), validation(False):
-        KLDivergence(**kwargs)(EMPTY_BATCH, EMPTY_BATCH)  # a shape check: always on
+        KLDivergence(**kwargs)(
+            predicted=EMPTY_BATCH, target=EMPTY_BATCH
+        )  # a shape check: always on
 
 
 def test_kl_divergence_mean_of_no_distributions_is_an_error():
@@ -524,20 +560,20 @@ def test_kl_divergence_mean_of_no_distributions_is_an_error():
         match=r"KLDivergence: argument 'target' holds no distributions \(shape \(4, 0, 10\)\)"
         r".*reduction='mean'",
     ):
-        KLDivergence("mean")(no_time_steps, no_time_steps)
+        KLDivergence("mean")(predicted=no_time_steps, target=no_time_steps)
     with pytest.raises(ValueError, match="argument 'target' holds no distributions"):
-        KLDivergence("mean", from_logits=True)(EMPTY_BATCH, EMPTY_BATCH)
+        KLDivergence("mean", from_logits=True)(predicted=EMPTY_BATCH, target=EMPTY_BATCH)
     # batchmean of 4 examples with no time steps each: 0 nats per example, well defined.
-    assert KLDivergence()(no_time_steps, no_time_steps).item() == 0.0
+    assert KLDivergence()(predicted=no_time_steps, target=no_time_steps).item() == 0.0
 
 
 @pytest.mark.parametrize(
     "kwargs", [{}, {"from_logits": True}, {"from_logits": True, "target_from_logits": True}]
 )
 def test_kl_divergence_sum_and_none_of_an_empty_batch(kwargs):
-    total = KLDivergence("sum", **kwargs)(EMPTY_BATCH, EMPTY_BATCH)
+    total = KLDivergence("sum", **kwargs)(predicted=EMPTY_BATCH, target=EMPTY_BATCH)
     assert total.shape == () and total.item() == 0.0  # the empty sum
-    per_row = KLDivergence("none", **kwargs)(EMPTY_BATCH, EMPTY_BATCH)
+    per_row = KLDivergence("none", **kwargs)(predicted=EMPTY_BATCH, target=EMPTY_BATCH)
     assert per_row.shape == (0,)
 
 
@@ -556,9 +592,9 @@ def test_elementwise_functions_keep_an_empty_batch():
         lambda e: categorical_kl_from_logits(e, e),
         lambda e: entropy(e),
         lambda e: cross_entropy(e, e),
-        lambda e: KLDivergence()(e, e),
-        lambda e: KLDivergence(from_logits=True)(e, e),
-        lambda e: KLDivergence(from_logits=True, target_from_logits=True)(e, e),
+        lambda e: KLDivergence()(predicted=e, target=e),
+        lambda e: KLDivergence(from_logits=True)(predicted=e, target=e),
+        lambda e: KLDivergence(from_logits=True, target_from_logits=True)(predicted=e, target=e),
     ],
 )
 def test_a_distribution_over_no_outcomes_is_an_error(call):
@@ -597,20 +633,20 @@ def test_kl_between_equal_values_in_two_dtypes_is_exactly_zero(narrow, wide):
         for kl in (
             categorical_kl(p, same),
             categorical_kl(same, p),
-            KLDivergence("none")(p, same),
-            KLDivergence("none")(same, p),
+            KLDivergence("none")(predicted=same, target=p),
+            KLDivergence("none")(predicted=p, target=same),
             categorical_kl_from_logits(logits, logits.to(wide)),
             categorical_kl_from_logits(logits.to(wide), logits),
             KLDivergence("none", from_logits=True, target_from_logits=True)(
-                logits, logits.to(wide)
+                predicted=logits.to(wide), target=logits
             ),
             KLDivergence("none", from_logits=True, target_from_logits=True)(
-                logits.to(wide), logits
+                predicted=logits, target=logits.to(wide)
             ),
         ):
             assert kl.dtype == wide
             assert (kl == 0).all(), f"min {kl.min().item():.3g}"
-        assert KLDivergence()(p, same).item() == 0.0
+        assert KLDivergence()(predicted=same, target=p).item() == 0.0
         # Gradients come back in each argument's own dtype, finite: d/dp = 1, d/dq = -1 here.
         p_grad, q_grad = p.clone().requires_grad_(), same.clone().requires_grad_()
         categorical_kl(p_grad, q_grad).sum().backward()
@@ -618,7 +654,7 @@ def test_kl_between_equal_values_in_two_dtypes_is_exactly_zero(narrow, wide):
         assert torch.isfinite(p_grad.grad).all() and torch.isfinite(q_grad.grad).all()
         assert (
             KLDivergence("sum", from_logits=True, target_from_logits=True)(
-                logits, logits.to(wide)
+                predicted=logits.to(wide), target=logits
             ).item()
             == 0.0
         )
@@ -648,11 +684,13 @@ def test_property_mixed_dtypes_compute_as_if_both_were_promoted(pq):
     calls = [
         lambda a, b: categorical_kl(a, b),
         lambda a, b: cross_entropy(a, b),
-        lambda a, b: KLDivergence("none")(a, b),
+        lambda a, b: KLDivergence("none")(predicted=b, target=a),
     ]
     logit_calls = [
         lambda a, b: categorical_kl_from_logits(a, b),
-        lambda a, b: KLDivergence("none", from_logits=True, target_from_logits=True)(a, b),
+        lambda a, b: KLDivergence("none", from_logits=True, target_from_logits=True)(
+            predicted=b, target=a
+        ),
     ]
     for call in calls:
         assert torch.equal(call(p32, q64), call(p32.double(), q64))
@@ -663,11 +701,18 @@ def test_property_mixed_dtypes_compute_as_if_both_were_promoted(pq):
     # One side logits, the other probabilities.
     target_probabilities = KLDivergence("none", from_logits=True)
     assert torch.equal(
-        target_probabilities(p32, q64.log()), target_probabilities(p32.double(), q64.log())
+        target_probabilities(predicted=q64.log(), target=p32),
+        target_probabilities(predicted=q64.log(), target=p32.double()),
     )
     target_logits = KLDivergence("none", target_from_logits=True)
-    assert torch.equal(target_logits(log_p32, q64), target_logits(log_p32.double(), q64))
-    assert torch.equal(target_logits(p64.log(), q32), target_logits(p64.log(), q32.double()))
+    assert torch.equal(
+        target_logits(predicted=q64, target=log_p32),
+        target_logits(predicted=q64, target=log_p32.double()),
+    )
+    assert torch.equal(
+        target_logits(predicted=q32, target=p64.log()),
+        target_logits(predicted=q32.double(), target=p64.log()),
+    )
     # And KL(p || p) is exactly 0 across dtypes on every path.
     assert categorical_kl(p32, p32.double()).item() == 0.0
     assert categorical_kl_from_logits(log_p32, log_p32.double()).item() == 0.0

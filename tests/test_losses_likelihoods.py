@@ -41,11 +41,11 @@ def test_bernoulli_nll_is_stable_for_huge_logits():
 def test_gaussian_nll_fixed_sigma_matches_normal(dtype):
     g = torch.Generator().manual_seed(1)
     mean, target = _images(g, dtype), _images(g, dtype)
-    for log_sigma in (0.0, -2.0):
+    for logvar in (0.0, -4.0):  # sigma = 1 and sigma = e^-2
         oracle = (
-            -Normal(mean.double(), math.exp(log_sigma)).log_prob(target.double()).sum((1, 2, 3))
+            -Normal(mean.double(), math.exp(logvar / 2)).log_prob(target.double()).sum((1, 2, 3))
         )
-        ours = gaussian_nll(mean, target, log_sigma)
+        ours = gaussian_nll(mean, target, logvar=logvar)
         assert ours.dtype == dtype
         torch.testing.assert_close(ours.double(), oracle, rtol=1e-5, atol=1e-4)
 
@@ -58,18 +58,18 @@ def test_gaussian_nll_includes_the_normalising_constant():
     )
 
 
-def test_gaussian_nll_learned_sigma_per_channel_and_gradient():
+def test_gaussian_nll_learned_variance_per_channel_and_gradient():
     g = torch.Generator().manual_seed(2)
     mean, target = _images(g), _images(g)
-    log_sigma = torch.randn(3, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
-    ours = gaussian_nll(mean, target, log_sigma)
-    oracle = -Normal(mean, log_sigma.exp()).log_prob(target).sum((1, 2, 3))
+    logvar = torch.randn(3, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = gaussian_nll(mean, target, logvar=logvar)
+    oracle = -Normal(mean, (logvar / 2).exp()).log_prob(target).sum((1, 2, 3))
     torch.testing.assert_close(ours, oracle)
     ours.sum().backward()
-    # d/d log_sigma of sum over pixels [log sigma + r^2 / (2 sigma^2)] = sum (1 - r^2 / sigma^2).
-    r2 = ((target - mean) ** 2 / log_sigma.detach().exp() ** 2).sum((0, 2, 3))
-    expected = 6 * 4 * 5 - r2
-    torch.testing.assert_close(log_sigma.grad.flatten(), expected)
+    # d/d logvar of sum over pixels [logvar / 2 + r^2 / (2 e^logvar)] = sum (1 - r^2 / sigma^2) / 2.
+    r2 = ((target - mean) ** 2 / logvar.detach().exp()).sum((0, 2, 3))
+    expected = (6 * 4 * 5 - r2) / 2
+    torch.testing.assert_close(logvar.grad.flatten(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -77,7 +77,7 @@ def test_laplace_nll_matches_torch_distributions(dtype):
     g = torch.Generator().manual_seed(3)
     loc, target = _images(g, dtype), _images(g, dtype)
     log_scale = torch.randn(6, 1, 1, 1, generator=g, dtype=dtype)  # one scale per example
-    ours = laplace_nll(loc, target, log_scale)
+    ours = laplace_nll(loc, target, log_scale=log_scale)
     oracle = (
         -Laplace(loc.double(), log_scale.double().exp()).log_prob(target.double()).sum((1, 2, 3))
     )
@@ -94,8 +94,8 @@ def test_prediction_may_broadcast_to_target_but_not_the_reverse():
     assert gaussian_nll(shared_mean, target).shape == (4,)
     with pytest.raises(ValueError, match="gaussian_nll: .*'mean'.*target's shape"):
         gaussian_nll(torch.rand(4, 10), torch.rand(4, 1))
-    with pytest.raises(ValueError, match="'log_sigma'"):
-        gaussian_nll(target, target, torch.zeros(4, 10, 1))
+    with pytest.raises(ValueError, match="'logvar'"):
+        gaussian_nll(target, target, logvar=torch.zeros(4, 10, 1))
     with pytest.raises(ValueError, match="'target' must have a batch dimension"):
         laplace_nll(torch.tensor(0.0), torch.tensor(0.0))
 
@@ -114,7 +114,7 @@ def test_registry_and_bits_per_dim():
 
 EMPTY_CALLS = {
     "bernoulli_nll": lambda prediction, target: bernoulli_nll(prediction, target),
-    "gaussian_nll": lambda prediction, target: gaussian_nll(prediction, target, 0.5),
+    "gaussian_nll": lambda prediction, target: gaussian_nll(prediction, target, logvar=1.0),
     "laplace_nll": lambda prediction, target: laplace_nll(prediction, target),
 }
 

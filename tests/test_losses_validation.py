@@ -97,11 +97,13 @@ def _restore_switch():
             "cross_entropy: argument 'q' has negative entries",
         ),
         (
-            lambda: KLDivergence()(UNIFORM, UNIFORM * 3),
+            lambda: KLDivergence()(predicted=UNIFORM * 3, target=UNIFORM),
             "KLDivergence: argument 'predicted' has rows",
         ),
         (
-            lambda: KLDivergence(from_logits=True)(torch.full((2, 4), NAN), UNIFORM),
+            lambda: KLDivergence(from_logits=True)(
+                predicted=UNIFORM, target=torch.full((2, 4), NAN)
+            ),
             "KLDivergence: argument 'target' contains 8 NaN",
         ),
         (
@@ -113,8 +115,8 @@ def _restore_switch():
             "bernoulli_nll: argument 'logits' contains 6 NaN",
         ),
         (
-            lambda: gaussian_nll(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor(NAN)),
-            "gaussian_nll: argument 'log_sigma' contains 1 NaN",
+            lambda: gaussian_nll(torch.zeros(2, 3), torch.zeros(2, 3), logvar=torch.tensor(NAN)),
+            "gaussian_nll: argument 'logvar' contains 1 NaN",
         ),
         (
             lambda: laplace_nll(torch.zeros(2, 3), torch.full((2, 3), INF)),
@@ -287,7 +289,7 @@ def test_dtype_is_preserved(dtype):
     assert categorical_kl_from_logits(p, p).dtype == dtype
     assert entropy(p).dtype == dtype and cross_entropy(p, p).dtype == dtype
     assert bernoulli_nll(p, p).dtype == dtype
-    assert gaussian_nll(p, p).dtype == dtype and laplace_nll(p, p, -1.0).dtype == dtype
+    assert gaussian_nll(p, p).dtype == dtype and laplace_nll(p, p, log_scale=-1.0).dtype == dtype
 
 
 def test_device_is_preserved_on_meta_tensors():
@@ -300,7 +302,7 @@ def test_device_is_preserved_on_meta_tensors():
             categorical_kl(p, p),
             categorical_kl_from_logits(p, p),
             entropy(p, unit="bits"),
-            gaussian_nll(p, p, 0.5),
+            gaussian_nll(p, p, logvar=1.0),
             laplace_nll(p, p),
         ):
             assert out.device.type == "meta"
@@ -310,7 +312,7 @@ def test_device_is_preserved_on_meta_tensors():
 def test_cuda_inputs_stay_on_cuda_and_validation_works_there():
     p = UNIFORM.cuda()
     assert categorical_kl(p, p).device.type == "cuda"
-    assert gaussian_nll(p, p, torch.zeros(4, device="cuda")).device.type == "cuda"
+    assert gaussian_nll(p, p, logvar=torch.zeros(4, device="cuda")).device.type == "cuda"
     with pytest.raises(ValueError, match="'q' has negative"):
         categorical_kl(p, -p)
 
@@ -356,21 +358,29 @@ EYE = torch.eye(4)
         (lambda v: entropy(C, validate=v), "entropy", "p"),
         (lambda v: cross_entropy(R, C, validate=v), "cross_entropy", "q"),
         (lambda v: mc_kl(C, R, validate=v), "mc_kl", "log_q"),
-        (lambda v: KLDivergence(validate=v)(C, R), "KLDivergence", "target"),
-        (lambda v: KLDivergence(from_logits=True, validate=v)(R, C), "KLDivergence", "predicted"),
+        (lambda v: KLDivergence(validate=v)(predicted=R, target=C), "KLDivergence", "target"),
         (
-            lambda v: KLDivergence(from_logits=True, target_from_logits=True, validate=v)(C, R),
+            lambda v: KLDivergence(from_logits=True, validate=v)(predicted=C, target=R),
+            "KLDivergence",
+            "predicted",
+        ),
+        (
+            lambda v: KLDivergence(from_logits=True, target_from_logits=True, validate=v)(
+                predicted=R, target=C
+            ),
             "KLDivergence",
             "target",
         ),
         (
-            lambda v: KLDivergence(target_from_logits=True, validate=v)(R, C.to(torch.complex128)),
+            lambda v: KLDivergence(target_from_logits=True, validate=v)(
+                predicted=C.to(torch.complex128), target=R
+            ),
             "KLDivergence",
             "predicted",
         ),
         (lambda v: bernoulli_nll(C, R, validate=v), "bernoulli_nll", "logits"),
         (lambda v: gaussian_nll(R, C, validate=v), "gaussian_nll", "target"),
-        (lambda v: laplace_nll(R, R, C, validate=v), "laplace_nll", "log_scale"),
+        (lambda v: laplace_nll(R, R, log_scale=C, validate=v), "laplace_nll", "log_scale"),
     ],
 )
 def test_complex_tensors_are_refused_naming_the_argument(call, fn, name, validate):

@@ -6,11 +6,50 @@ Every term is in **nats per example**: summed over latent dimensions (KL) or ove
 channels / time steps (reconstruction NLL), then averaged over the batch. Elementwise
 functions (e.g. :func:`gaussian_kl`) return nats per element and leave the sum to the
 caller; per-example functions (the likelihoods) return shape (B,); :func:`compute_elbo`
-returns batch means. Natural logarithms throughout; ``unit="bits"`` (entropy,
-cross-entropy) and :func:`bits_per_dim` convert where asked (1 bit = ln 2 nats).
+returns batch means. Natural logarithms throughout; ``unit="bits"`` (rule 3 below) and
+:func:`bits_per_dim` convert where asked (1 bit = ln 2 nats).
 
 This keeps beta meaningful (it weighs the whole KL against the whole reconstruction) and
 makes numbers comparable with papers.
+
+Conventions, one rule each for the whole public API
+---------------------------------------------------
+1. **Argument order.** A divergence reads like its formula, as in
+   ``torch.distributions.kl_divergence(p, q)``: the first distribution is the one the
+   expectation is taken under, the left side of ||, and the names say which side each
+   argument is on. ``categorical_kl(p, q)`` and ``categorical_kl_from_logits(p_logits,
+   q_logits)`` are KL(p || q), ``cross_entropy(p, q)`` is H(p, q) = E_p[-log q],
+   ``gaussian_kl(mu, logvar, prior_mu, prior_logvar)`` is KL(posterior || prior),
+   ``full_gaussian_kl(mu_q, scale_tril_q, mu_p, scale_tril_p)`` and ``mc_kl(log_q, log_p)``
+   (samples from q) are KL(q || p).
+   A loss that scores a prediction against data takes ``(prediction, target)``, the
+   ``(input, target)`` of every ``torch.nn`` loss: ``bernoulli_nll(logits, target)``,
+   ``gaussian_nll(mean, target)``, ``laplace_nll(loc, target)``,
+   ``PixelLikelihood(...)(params, target)`` and ``KLDivergence(...)(predicted=...,
+   target=...)``, which is KL(target || predicted) like :class:`torch.nn.KLDivLoss`. Its two
+   tensors are keyword-only: they used to be positional as (target, predicted).
+2. **Spread.** A diagonal Gaussian's spread is its log-variance ``logvar`` = log sigma^2
+   (natural log) everywhere, in KLs and likelihoods alike (``prior_logvar`` for the second
+   Gaussian): what the encoders output, and a variance as in
+   :func:`torch.nn.functional.gaussian_nll_loss`. Other spreads keep their
+   torch.distributions name: ``log_scale`` = log b for the Laplace, the Cholesky factor
+   ``scale_tril`` for a full covariance. A likelihood's spread is keyword-only, so that
+   ``gaussian_nll(mean, target, 0.5)`` cannot leave open whether 0.5 is sigma, log sigma or
+   log sigma^2. The one spread not in log space is ``PixelLikelihood(sigma=...)``, a positive
+   hyper-parameter typed into the config (``model.sigma``).
+3. **Unit.** Every *function* that returns an information quantity (a KL, an entropy, a
+   cross-entropy, an NLL, a rate) takes a keyword-only ``unit``: ``"nats"`` (default) or
+   ``"bits"`` (nats / ln 2). The *objects you train with* (:class:`KLDivergence`,
+   :class:`PixelLikelihood`, :func:`compute_elbo` and the regularisers) have none and are
+   always in nats, so that their terms add up and beta, the free bits, the capacity and the
+   learning rate mean what the config says. :func:`bits_per_dim` is in bits by definition.
+
+The old spellings (``gaussian_nll(log_sigma=...)``, ``laplace_nll``'s spread by position,
+``PixelLikelihood(...)(params, x=...)``) still work until version 0.3, with a
+``DeprecationWarning`` that names the new spelling; a call whose old positional meaning would
+now be a guess (``KLDivergence()(a, b)``, ``gaussian_nll(mean, target, s)``) raises a
+``TypeError`` that names it. See :mod:`vae.losses.deprecation`.
+``tests/test_losses_conventions.py`` checks each rule over ``__all__``.
 
 Validation
 ----------

@@ -1,4 +1,4 @@
-"""Exact KL divergences, entropies and a Monte-Carlo KL estimator, in nats.
+"""Exact KL divergences, entropies and a Monte-Carlo KL estimator, in nats (or bits).
 
 Every function computes one formula, written in its docstring. Edge cases of the discrete
 divergences follow the conventions of information theory exactly, with no epsilon:
@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vae.losses.deprecation import old_spellings
 from vae.losses.validation import (
     broadcast_shape,
     check_all_finite,
     check_logits,
     check_probabilities,
     common_dtype,
+    in_unit,
     normalise_event_dim,
     promote,
     require_tensor,
@@ -49,19 +51,6 @@ __all__ = [
     "KLDivergence",
 ]
 
-_LN2 = math.log(2.0)
-_UNITS = {"nats": 1.0, "bits": 1.0 / _LN2}
-
-
-def _unit_factor(fn: str, unit: str) -> float:
-    try:
-        return _UNITS[unit]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"{fn}: argument 'unit' must be one of {sorted(_UNITS)}, got {unit!r}"
-        ) from None
-
-
 # --------------------------------------------------------------------------------------------
 # Gaussian
 # --------------------------------------------------------------------------------------------
@@ -77,6 +66,7 @@ def gaussian_kl(
     prior_mu: Tensor | float | None = None,
     prior_logvar: Tensor | float | None = None,
     *,
+    unit: str = "nats",
     validate: bool | None = None,
 ) -> Tensor:
     r"""Elementwise KL( N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar)) ) in nats.
@@ -102,11 +92,12 @@ def gaussian_kl(
         prior_mu, prior_logvar: prior parameters, tensors or Python numbers; None means 0.
             Tensors of different dtypes are promoted to their common dtype; a Python number
             takes the tensors' common dtype and does not widen it (as in torch arithmetic).
+        unit: "nats" or "bits".
         validate: check for NaN/Inf (None: use the global switch, see
             :mod:`vae.losses.validation`).
 
     Returns:
-        The elementwise KL in nats, with the broadcast shape of all inputs. Sum it over the
+        The elementwise KL in ``unit``, with the broadcast shape of all inputs. Sum it over the
         latent dimensions to get the KL per example.
     """
     fn = "gaussian_kl"
@@ -144,7 +135,7 @@ def gaussian_kl(
     # only, because clamp_min in the graph zeroes the second derivative at d = 0, where it is 1;
     # nothing has saved variance_term for backward, so the in-place write is safe.
     variance_term.detach().clamp_min_(0)
-    return 0.5 * (variance_term + mean_term)
+    return in_unit(fn, 0.5 * (variance_term + mean_term), unit)
 
 
 def full_gaussian_kl(
@@ -153,6 +144,7 @@ def full_gaussian_kl(
     mu_p: Tensor,
     scale_tril_p: Tensor,
     *,
+    unit: str = "nats",
     validate: bool | None = None,
 ) -> Tensor:
     r"""KL( N(mu_q, L_q L_q^T) || N(mu_p, L_p L_p^T) ) per batch element, in nats.
@@ -170,10 +162,11 @@ def full_gaussian_kl(
         mu_q, mu_p: means, shape (..., k).
         scale_tril_q, scale_tril_p: lower-triangular Cholesky factors with a positive
             diagonal, shape (..., k, k). Only the lower triangle is read.
+        unit: "nats" or "bits".
         validate: check for NaN/Inf and positive diagonals.
 
     Returns:
-        KL in nats, shape = broadcast of the batch shapes (...).
+        KL in ``unit``, shape = broadcast of the batch shapes (...).
     """
     fn = "full_gaussian_kl"
     args = {"mu_q": mu_q, "scale_tril_q": scale_tril_q, "mu_p": mu_p, "scale_tril_p": scale_tril_p}
@@ -226,7 +219,7 @@ def full_gaussian_kl(
     mahalanobis = whitened_delta.square().sum(-1)
 
     log_det_ratio = 2.0 * (diag_p.log().sum(-1) - diag_q.log().sum(-1))
-    return 0.5 * (trace_term + mahalanobis - k + log_det_ratio)
+    return in_unit(fn, 0.5 * (trace_term + mahalanobis - k + log_det_ratio), unit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +367,9 @@ def _categorical_kl_mixed(
     return _p_log_ratio(p, log_p, log_q).sum(event_dim)
 
 
-def categorical_kl(p: Tensor, q: Tensor, dim: int = -1, *, validate: bool | None = None) -> Tensor:
+def categorical_kl(
+    p: Tensor, q: Tensor, dim: int = -1, *, unit: str = "nats", validate: bool | None = None
+) -> Tensor:
     r"""KL(p || q) = sum_i p_i * log(p_i / q_i) over ``dim``, from probabilities, in nats.
 
     Conventions (exact, no epsilon): terms with p_i = 0 are 0, whatever q_i is; a term with
@@ -385,26 +380,36 @@ def categorical_kl(p: Tensor, q: Tensor, dim: int = -1, *, validate: bool | None
         p, q: probabilities along ``dim``; other dimensions broadcast. Must be non-negative and
             sum to 1 along ``dim`` (checked unless validation is off).
         dim: the event dimension.
+        unit: "nats" or "bits".
 
     Returns:
-        KL in nats, with ``dim`` removed from the broadcast shape.
+        KL in ``unit``, with ``dim`` removed from the broadcast shape.
     """
-    return _categorical_kl(p, q, dim, validate, "categorical_kl", ("p", "q"))
+    fn = "categorical_kl"
+    return in_unit(fn, _categorical_kl(p, q, dim, validate, fn, ("p", "q")), unit)
 
 
 def categorical_kl_from_logits(
-    p_logits: Tensor, q_logits: Tensor, dim: int = -1, *, validate: bool | None = None
+    p_logits: Tensor,
+    q_logits: Tensor,
+    dim: int = -1,
+    *,
+    unit: str = "nats",
+    validate: bool | None = None,
 ) -> Tensor:
     r"""KL( softmax(p_logits) || softmax(q_logits) ) over ``dim``, in nats.
 
     Computed as sum_i p_i * (log_softmax(p_logits)_i - log_softmax(q_logits)_i), which is
     finite for arbitrarily large finite logits (e.g. 1e4) where softmax-then-log would
     underflow to log 0. A logit of -inf means probability 0 and follows the same conventions
-    as :func:`categorical_kl` (0 where p_i = 0, +inf where q_i = 0 < p_i).
+    as :func:`categorical_kl` (0 where p_i = 0, +inf where q_i = 0 < p_i). ``unit``: "nats"
+    or "bits".
     """
-    return _categorical_kl_from_logits(
-        p_logits, q_logits, dim, validate, "categorical_kl_from_logits", ("p_logits", "q_logits")
+    fn = "categorical_kl_from_logits"
+    kl = _categorical_kl_from_logits(
+        p_logits, q_logits, dim, validate, fn, ("p_logits", "q_logits")
     )
+    return in_unit(fn, kl, unit)
 
 
 def entropy(
@@ -420,14 +425,13 @@ def entropy(
         Entropy with ``dim`` removed.
     """
     fn = "entropy"
-    factor = _unit_factor(fn, unit)
     require_tensor(fn, "p", p)
     event_dim = _event_dim(fn, dim, p.shape, p=p)
     if should_validate(validate):
         check_probabilities(fn, "p", p, event_dim)
     # H(p) = -sum p log p = sum p * (0 - log p)
     h = _p_log_ratio_from_probabilities(p, p, with_log_p=False).sum(event_dim)
-    return h if factor == 1.0 else h * factor
+    return in_unit(fn, h, unit)
 
 
 def cross_entropy(
@@ -444,11 +448,10 @@ def cross_entropy(
         unit: "nats" or "bits".
     """
     fn = "cross_entropy"
-    factor = _unit_factor(fn, unit)
     event_dim, p, q = _check_pair(fn, p, q, dim, validate, ("p", "q"))
     # -sum p log q = sum p * (0 - log q), with the same p == 0 / q == 0 conventions as the KL.
     h = _p_log_ratio_from_probabilities(p, q, with_log_p=False).sum(event_dim)
-    return h if factor == 1.0 else h * factor
+    return in_unit(fn, h, unit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,14 +460,19 @@ def cross_entropy(
 
 
 class MonteCarloKL(NamedTuple):
-    """A Monte-Carlo KL estimate with its standard error (both in nats)."""
+    """A Monte-Carlo KL estimate with its standard error (both in the unit asked of mc_kl)."""
 
     estimate: Tensor
     standard_error: Tensor
 
 
 def mc_kl(
-    log_q: Tensor, log_p: Tensor, dim: int = 0, *, validate: bool | None = None
+    log_q: Tensor,
+    log_p: Tensor,
+    dim: int = 0,
+    *,
+    unit: str = "nats",
+    validate: bool | None = None,
 ) -> MonteCarloKL:
     r"""Monte-Carlo estimate of KL(q || p) from samples z_s ~ q, s = 1..S.
 
@@ -483,6 +491,7 @@ def mc_kl(
             (e.g. batch).
         log_p: log p(z_s) at the same samples, broadcastable with ``log_q``.
         dim: the sample dimension (needs S >= 2 for a standard error).
+        unit: "nats" or "bits" (of both results).
 
     Returns:
         ``MonteCarloKL(estimate, standard_error)``, each with ``dim`` removed.
@@ -501,7 +510,7 @@ def mc_kl(
         check_all_finite(fn, log_q=log_q, log_p=log_p)
     log_ratio = log_q - log_p
     std, mean = torch.std_mean(log_ratio, dim=sample_dim, correction=1)
-    return MonteCarloKL(mean, std / math.sqrt(num_samples))
+    return MonteCarloKL(in_unit(fn, mean, unit), in_unit(fn, std / math.sqrt(num_samples), unit))
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,12 +528,15 @@ def _empty_argument(target: Tensor, predicted: Tensor) -> tuple[str, Tensor]:
 class KLDivergence(nn.Module):
     r"""KL(target || predicted) as an ``nn.Module`` loss, for distillation and label smoothing.
 
-    **Argument order:** ``loss(target, predicted)`` computes KL(target || predicted) =
-    sum_i target_i * log(target_i / predicted_i): the data/teacher distribution first, the
-    model being trained second, exactly as you would write the maths. Contrast
-    :func:`torch.nn.functional.kl_div`, whose first argument ``input`` is the *log* of the
-    *predicted* distribution and whose second is the target, and whose ``reduction="mean"``
-    divides by the number of elements (classes included) rather than distributions.
+    **Arguments, by keyword only:** ``loss(predicted=..., target=...)`` computes
+    KL(target || predicted) = sum_i target_i * log(target_i / predicted_i), the expectation
+    under the target (data, teacher), the direction of :class:`torch.nn.KLDivLoss`. The order
+    is torch's for losses, prediction then target (the package's rule 1), and the tensors are
+    keyword-only because in version 0.1 they were positional in the other order,
+    ``loss(target, predicted)``: a positional call is refused with a TypeError rather than
+    read one way or the other. Unlike :func:`torch.nn.functional.kl_div`, the prediction is
+    not a *log*-probability, and ``reduction="mean"`` averages over distributions, not over
+    elements (classes included). Always in nats: it is a training objective (rule 3).
 
     **Which argument is logits:** ``from_logits`` is about the *prediction* only (as in Keras'
     losses); the target has its own switch, ``target_from_logits`` (like ``log_target`` of
@@ -535,7 +547,7 @@ class KLDivergence(nn.Module):
     Label smoothing, or one-hot targets, against a model that outputs logits::
 
         smooth = F.one_hot(labels, K).float() * (1 - eps) + eps / K   # probabilities
-        loss = KLDivergence(from_logits=True)(smooth, logits)
+        loss = KLDivergence(from_logits=True)(predicted=logits, target=smooth)
         # = F.cross_entropy(logits, labels, label_smoothing=eps) - entropy(smooth).mean():
         # the same gradients, and 0 at the optimum (eps = 0: exactly F.cross_entropy).
 
@@ -544,7 +556,7 @@ class KLDivergence(nn.Module):
     multiply the loss by T**2::
 
         distill = KLDivergence(from_logits=True, target_from_logits=True)
-        loss = distill(teacher_logits / T, student_logits / T) * T**2
+        loss = distill(predicted=student_logits / T, target=teacher_logits / T) * T**2
 
     Exact edge cases, no epsilon anywhere: a target probability of 0 contributes 0 (whatever
     the prediction, even probability 0 / logit -inf); a target probability > 0 where the
@@ -598,8 +610,14 @@ class KLDivergence(nn.Module):
         self.dim = dim
         self.validate = validate
 
-    def forward(self, target: Tensor, predicted: Tensor) -> Tensor:
-        """KL(target || predicted), reduced as configured."""
+    @old_spellings(
+        "loss(predicted=..., target=...)",
+        refuse_positional="the tensors are keyword-only: in version 0.1 they were positional "
+        "in the order (target, predicted), torch's losses take (prediction, target), and a "
+        "positional call is not guessed",
+    )
+    def forward(self, *, predicted: Tensor, target: Tensor) -> Tensor:
+        """KL(target || predicted) in nats, reduced as configured."""
         fn, names = "KLDivergence", ("target", "predicted")
         if self.from_logits == self.target_from_logits:
             kl_fn = _categorical_kl_from_logits if self.from_logits else _categorical_kl

@@ -3,10 +3,14 @@
 Each function returns -log p(x | z) for every example: shape (B,), summed over all non-batch
 dimensions (pixels, channels, time steps), with every normalising constant included, so the
 numbers are true (log-)likelihoods that can be compared with papers and across likelihoods.
+``unit="bits"`` gives them in bits per example (:func:`bits_per_dim` divides by dimensions).
 
-The prediction (logits / mean / loc, and the scale) must broadcast to ``target``'s shape, and
-``target``'s first dimension is the batch. Broadcasting the *target* up to the prediction is
-refused, because that silently counts the same observation several times.
+Every function takes ``(prediction, target)``, like torch's losses, and its spread by keyword
+only: ``logvar`` (log sigma^2) for the Gaussian, as in :func:`vae.losses.gaussian_kl`, and
+``log_scale`` (log b) for the Laplace. The prediction (logits / mean / loc, and the spread)
+must broadcast to ``target``'s shape, and ``target``'s first dimension is the batch.
+Broadcasting the *target* up to the prediction is refused, because that silently counts the
+same observation several times.
 
 Empty inputs: an empty batch (B = 0) is a ValueError, since the NLL is always averaged over
 the batch next and the mean of nothing is NaN; B > 0 examples with no elements each (shape
@@ -22,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vae.losses.deprecation import old_spellings
 from vae.losses.validation import (
     broadcast_shape,
     check_all_finite,
     check_unit_interval,
+    in_unit,
     require_tensor,
     should_validate,
 )
@@ -94,7 +100,9 @@ def _sum_per_example(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
 
 
-def bernoulli_nll(logits: Tensor, target: Tensor, *, validate: bool | None = None) -> Tensor:
+def bernoulli_nll(
+    logits: Tensor, target: Tensor, *, unit: str = "nats", validate: bool | None = None
+) -> Tensor:
     r"""-log Bernoulli(target | sigmoid(logits)), summed per example, in nats.
 
     Per element: -[x log sigmoid(l) + (1 - x) log(1 - sigmoid(l))]
@@ -106,53 +114,71 @@ def bernoulli_nll(logits: Tensor, target: Tensor, *, validate: bool | None = Non
     Args:
         logits: decoder logits, broadcastable to ``target``.
         target: observations in [0, 1], shape (B, ...).
+        unit: "nats" or "bits".
 
     Returns:
-        NLL in nats, shape (B,).
+        NLL in ``unit``, shape (B,).
     """
-    _prepare("bernoulli_nll", "logits", logits, target, validate=validate)
+    fn = "bernoulli_nll"
+    _prepare(fn, "logits", logits, target, validate=validate)
     per_element = F.binary_cross_entropy_with_logits(
         logits.expand_as(target), target, reduction="none"
     )
-    return _sum_per_example(per_element)
+    return in_unit(fn, _sum_per_example(per_element), unit)
 
 
+@old_spellings(
+    "gaussian_nll(mean, target, logvar=2 * log_sigma)",
+    renamed={"log_sigma": ("logvar", lambda log_sigma: 2 * log_sigma)},
+    refuse_positional="the spread is the keyword-only logvar = log sigma^2; in version 0.1 "
+    "the third positional argument was log_sigma = log sigma",
+)
 def gaussian_nll(
     mean: Tensor,
     target: Tensor,
-    log_sigma: Tensor | float = 0.0,
     *,
+    logvar: Tensor | float = 0.0,
+    unit: str = "nats",
     validate: bool | None = None,
 ) -> Tensor:
-    r"""-log N(target | mean, sigma^2), summed per example, in nats.
+    r"""-log N(target | mean, sigma^2), summed per example, in nats, with logvar = log sigma^2.
 
-    Per element: 0.5 * log(2 pi) + log sigma + (x - mean)^2 / (2 sigma^2).
-    With the default log_sigma = 0 (sigma = 1) this is 0.5 * squared error + 0.919 nats per
-    element, *not* the bare squared error: the constant makes it a real likelihood.
+    Per element: 0.5 * log(2 pi) + 0.5 * logvar + (x - mean)^2 / (2 exp(logvar)).
+    With the default logvar = 0 (sigma = 1) this is 0.5 * squared error + 0.919 nats per
+    element, *not* the bare squared error: the constant makes it a real likelihood. The
+    spread is a log-variance, as in :func:`vae.losses.gaussian_kl` and as the variance of
+    :func:`torch.nn.functional.gaussian_nll_loss`; for a standard deviation sigma pass
+    ``logvar=2 * log(sigma)``. (The old keyword ``log_sigma`` still works, converted so, with a
+    DeprecationWarning.)
 
     Args:
         mean: decoder mean, broadcastable to ``target``.
         target: observations, shape (B, ...).
-        log_sigma: natural log of the standard deviation: a fixed float, or a tensor
-            broadcastable to ``target`` for a learned sigma (shared scalar, per pixel, or per
-            example).
+        logvar: natural log of the variance, keyword-only: a fixed float, or a tensor
+            broadcastable to ``target`` for a learned variance (shared scalar, per pixel, or
+            per example).
+        unit: "nats" or "bits".
 
     Returns:
-        NLL in nats, shape (B,).
+        NLL in ``unit``, shape (B,).
     """
-    log_sigma = _prepare(
-        "gaussian_nll", "mean", mean, target, "log_sigma", log_sigma, validate=validate
-    )
+    fn = "gaussian_nll"
+    logvar = _prepare(fn, "mean", mean, target, "logvar", logvar, validate=validate)
+    # log sigma = logvar / 2 exactly (a power of 2), so a caller holding log sigma (such as
+    # PixelLikelihood, which passes 2 * log sigma) gets the numbers of the log sigma formula.
+    log_sigma = 0.5 * logvar
     standardised = (target - mean) * torch.exp(-log_sigma)
     per_element = _HALF_LOG_2PI + log_sigma + 0.5 * standardised.square()
-    return _sum_per_example(per_element.expand_as(target))
+    return in_unit(fn, _sum_per_example(per_element.expand_as(target)), unit)
 
 
+@old_spellings("laplace_nll(loc, target, log_scale=...)", positional=("log_scale",))
 def laplace_nll(
     loc: Tensor,
     target: Tensor,
-    log_scale: Tensor | float = 0.0,
     *,
+    log_scale: Tensor | float = 0.0,
+    unit: str = "nats",
     validate: bool | None = None,
 ) -> Tensor:
     r"""-log Laplace(target | loc, b), summed per example, in nats.
@@ -162,16 +188,17 @@ def laplace_nll(
     Args:
         loc: decoder location (the median), broadcastable to ``target``.
         target: observations, shape (B, ...).
-        log_scale: natural log of the scale b, a float or a tensor broadcastable to ``target``.
+        log_scale: natural log of the scale b (torch.distributions.Laplace's ``scale``), a
+            float or a tensor broadcastable to ``target``; keyword-only.
+        unit: "nats" or "bits".
 
     Returns:
-        NLL in nats, shape (B,).
+        NLL in ``unit``, shape (B,).
     """
-    log_scale = _prepare(
-        "laplace_nll", "loc", loc, target, "log_scale", log_scale, validate=validate
-    )
+    fn = "laplace_nll"
+    log_scale = _prepare(fn, "loc", loc, target, "log_scale", log_scale, validate=validate)
     per_element = _LOG_2 + log_scale + (target - loc).abs() * torch.exp(-log_scale)
-    return _sum_per_example(per_element.expand_as(target))
+    return in_unit(fn, _sum_per_example(per_element.expand_as(target)), unit)
 
 
 def bits_per_dim(
@@ -248,7 +275,8 @@ LIKELIHOODS: dict[str, Likelihood] = {
     "gaussian": gaussian_nll,
     "laplace": laplace_nll,
 }
-"""Registry of reconstruction NLLs by config name; each maps (prediction, target) -> (B,)."""
+"""Registry of reconstruction NLLs by config name; each maps (prediction, target) -> (B,) and
+takes its spread, if any, by keyword (``logvar``, ``log_scale``)."""
 
 CONTINUOUS_LIKELIHOODS = frozenset({"gaussian", "laplace"})
 """Likelihoods that are densities: on discrete pixels they need :func:`uniform_dequantize` and
@@ -272,17 +300,21 @@ class PixelLikelihood(torch.nn.Module):
     * ``bernoulli``: the decoder gives logits. A probability only on binary pixels
       (``data_levels == 2``); on grey levels it is a cross-entropy, and :meth:`bits_per_dim`
       is None.
-    * ``gaussian`` / ``laplace``: the decoder gives the location; the scale sigma is fixed or
-      learned per channel. These are densities: on discrete pixels (``data_levels`` = L) the
-      targets are uniformly dequantized, y = (k + u) / L with fresh u at every call
-      (:func:`uniform_dequantize`), so that :meth:`bits_per_dim` = nll / (D ln 2) + log2 L
-      bounds the bits/dim of the discrete pixels and compares with the literature.
+    * ``gaussian`` / ``laplace``: the decoder gives the location; the scale sigma (the
+      Gaussian's standard deviation, the Laplace's b) is fixed or learned per channel, held as
+      the buffer or parameter ``log_sigma`` (so checkpoints keep their keys) and passed on as
+      ``logvar = 2 * log_sigma`` or ``log_scale = log_sigma``. These are densities: on
+      discrete pixels (``data_levels`` = L) the targets are uniformly dequantized,
+      y = (k + u) / L with fresh u at every call (:func:`uniform_dequantize`), so that
+      :meth:`bits_per_dim` = nll / (D ln 2) + log2 L bounds the bits/dim of the discrete
+      pixels and compares with the literature.
 
     Args:
         name: a key of :data:`LIKELIHOODS`.
         num_dims: D, values per example (C * H * W), for bits/dim.
         channels: C; a learned scale has one value per channel.
-        sigma: the Gaussian/Laplace scale (its initial value if learned).
+        sigma: the Gaussian/Laplace scale (its initial value if learned), a positive number:
+            the config's ``model.sigma``, set by hand, so not in log space.
         learn_sigma: learn log sigma as a parameter.
         data_levels: distinct pixel values of the data (2 when binarized, 17 for the digits,
             256 for 8-bit images), or None when unknown (then no bits/dim is reported).
@@ -313,14 +345,22 @@ class PixelLikelihood(torch.nn.Module):
         else:
             self.register_buffer("log_sigma", log_sigma)
 
-    def forward(self, params: Tensor, x: Tensor) -> Tensor:
-        """-log p(x | params) in nats per example, shape (B,), computed in float32 or wider."""
+    @old_spellings("likelihood(params, target)", renamed={"x": "target"})
+    def forward(self, params: Tensor, target: Tensor) -> Tensor:
+        """-log p(target | params) in nats per example, shape (B,), in float32 or wider.
+
+        Always nats: it is the model's reconstruction term, added to a KL in nats.
+        """
         params = params if params.dtype in (torch.float32, torch.float64) else params.float()
         if self.name == "bernoulli":
-            return self.nll_function(params, x, validate=False)
+            return self.nll_function(params, target, validate=False)
         if self.dequantization_levels is not None:
-            x = uniform_dequantize(x, self.dequantization_levels)
-        return self.nll_function(params, x, self.log_sigma, validate=False)
+            target = uniform_dequantize(target, self.dequantization_levels)
+        if self.name == "gaussian":
+            spread = {"logvar": 2 * self.log_sigma}
+        else:
+            spread = {"log_scale": self.log_sigma}
+        return self.nll_function(params, target, **spread, validate=False)
 
     def mean(self, params: Tensor) -> Tensor:
         """E[x | params] for display: sigmoid(logits) for Bernoulli, the location otherwise."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -301,6 +302,23 @@ def check_unit_interval(fn: str, name: str, x: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 # Checks on plain Python hyper-parameters (schedules, regularisers)
 # --------------------------------------------------------------------------------------------
+
+UNITS = {"nats": 1.0, "bits": 1.0 / math.log(2.0)}
+"""The ``unit`` argument of every function that returns an information quantity: the factor
+from nats (natural logarithm, this project's unit) to that unit. 1 bit = ln 2 nats."""
+
+
+def in_unit(fn: str, value: Any, unit: str) -> Any:
+    """``value`` (nats: a tensor or a float) converted to ``unit``."""
+    try:
+        factor = UNITS[unit]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{fn}: argument 'unit' must be one of {sorted(UNITS)}, got {unit!r}"
+        ) from None
+    if factor == 1.0:
+        return value  # nats: no extra kernel, and bit for bit what was computed
+    return value * factor
 
 
 def require_number(owner: str, name: str, value: object, *, minimum: float = 0.0) -> float:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from vae.losses.kl import entropy
+from vae.losses.validation import in_unit
 
 
 def _check_pair(z: Tensor, quantized: Tensor) -> int:
@@ -99,10 +100,11 @@ def codebook_usage(counts: Tensor, *, validate: bool = True) -> Tensor:
     return (counts > 0).double().mean()
 
 
-def uniform_prior_rate(num_positions: int, num_codes: int) -> float:
-    """KL(one-hot q || uniform over ``num_codes``) summed over ``num_positions``: n log K nats."""
+def uniform_prior_rate(num_positions: int, num_codes: int, *, unit: str = "nats") -> float:
+    """KL(one-hot q || uniform over ``num_codes``) summed over ``num_positions``: n log K nats
+    (n log2 K bits with ``unit="bits"``)."""
     if num_positions <= 0 or num_codes <= 0:
         raise ValueError(
             f"num_positions and num_codes must be positive, got {num_positions} and {num_codes}."
         )
-    return num_positions * math.log(num_codes)
+    return in_unit("uniform_prior_rate", num_positions * math.log(num_codes), unit)
