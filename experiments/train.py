@@ -83,7 +83,13 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         remove_stale_temporaries,
     )
     from vae.training.config import apply_aliases, config_errors, validate_config
-    from vae.training.runs import keep_newer_checkpoint, resumed_run_dir, write_metrics
+    from vae.training.runs import (
+        config_subdir,
+        keep_newer_checkpoint,
+        record_latest_config,
+        resumed_run_dir,
+        write_metrics,
+    )
     from vae.training.tensorboard import flatten_config, log_hparams
 
     apply_aliases(cfg)
@@ -131,6 +137,14 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         for stale in remove_stale_temporaries(resumed / "checkpoints"):
             log.info("Removed %s, a checkpoint half-written when the last attempt stopped", stale)
         keep_newer_checkpoint(resumed, Path(ckpt_path), resume_step, bool(cfg.get("rollback")))
+        attempt = config_subdir(ckpt_path)
+        if (resumed / attempt / "config.yaml").is_file():  # written by Hydra (the CLI)
+            changes = record_latest_config(resumed, attempt)
+            log.info(
+                "Resumed from step %d; config changes: %s",
+                resume_step,
+                "; ".join(changes) if changes else "none",
+            )
     if resume_step is None and trainer.is_global_zero:  # a resumed run already has its record
         resolved = OmegaConf.to_container(cfg, resolve=True)
         ignored = ("callbacks.", "logger.", "paths.", "eval.")
@@ -144,8 +158,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
             raise RunInterrupted("stopped by SIGTERM before any checkpoint was written") from None
         raise RunInterrupted(
             f"stopped by SIGTERM; checkpoints/last.ckpt holds step "
-            f"{read_checkpoint(last)['global_step']}. Resume with ckpt_path={last} and the same "
-            "overrides."
+            f"{read_checkpoint(last)['global_step']}. Resume with: vae-train ckpt_path={run_dir}"
         ) from None
 
     metrics: dict[str, Any] = {
@@ -224,10 +237,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"vae-train: {err}", file=sys.stderr)
         sys.exit(143)  # what a death by SIGTERM reports: a chain `vae-train && ...` stops
     except DiskFullError as err:
-        last = run_dir / "checkpoints" / "last.ckpt"
         print(
-            f"vae-train: error: {err.strerror}. Free some space, then resume with "
-            f"ckpt_path={last} and the same overrides.",
+            f"vae-train: error: {err.strerror}. Free some space, then resume with: "
+            f"vae-train ckpt_path={run_dir}",
             file=sys.stderr,
         )
         sys.exit(1)
@@ -248,11 +260,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """The console script: old spellings of moved keys are rewritten before Hydra parses."""
+    """The console script. Before Hydra parses the command line, a resume
+    (``ckpt_path=<run or checkpoint>``) is completed with the run's recorded overrides, and old
+    spellings of moved keys are rewritten."""
     from vae.training.config import ConfigError, rewrite_moved_keys
+    from vae.training.runs import with_recorded_overrides
 
     try:
-        sys.argv[1:] = rewrite_moved_keys(sys.argv[1:])
+        sys.argv[1:] = rewrite_moved_keys(with_recorded_overrides(sys.argv[1:]))
     except ConfigError as err:
         print(f"vae-train: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -70,8 +70,10 @@ def test_stop_after_2_epochs_and_resume_to_4_equals_4_straight(tmp_path: Path):
     _assert_contiguous(steps)
     assert steps[0] == 1 and steps[-1] == 4 * 23
     assert len(scalar_series(events, tags.VAL_ELBO)) == 4
-    # The original config stays; the resume attempt has its own record.
-    assert "max_epochs: 2" in (first / ".hydra" / "config.yaml").read_text()
+    # .hydra/config.yaml is the latest attempt's config, where tools read it; the first
+    # attempt's stays in .hydra/first/, and the resume attempt has its own record.
+    assert "max_epochs: 4" in (first / ".hydra" / "config.yaml").read_text()
+    assert "max_epochs: 2" in (first / ".hydra" / "first" / "config.yaml").read_text()
     assert len(list((first / ".hydra").glob("resume_*/config.yaml"))) == 1
 
 

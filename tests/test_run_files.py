@@ -152,7 +152,7 @@ def test_vae_train_on_a_full_disk_says_so_in_one_line_and_keeps_the_checkpoint(t
     assert "no space left on the device while saving" in errors[0]
     assert "the previous last.ckpt is kept unchanged" in errors[0]
     (last,) = tmp_path.glob("logs/*/*/checkpoints/last.ckpt")
-    assert f"ckpt_path={last}" in errors[0]
+    assert f"resume with: vae-train ckpt_path={last.parent.parent}" in errors[0]
     assert read_checkpoint(last)["global_step"] == 23  # the first epoch's save
     assert not list(last.parent.glob(".*.tmp"))
 

@@ -50,15 +50,19 @@ def write_metrics(
     run_dir.mkdir(parents=True, exist_ok=True)
     merged = read_metrics(run_dir) if merge else {}
     merged.update({key: _jsonable(value) for key, value in metrics.items()})
-    path = run_dir / METRICS_FILE
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".metrics.", suffix=".tmp")
+    text = json.dumps(dict(sorted(merged.items())), indent=2) + "\n"
+    return write_atomically(run_dir / METRICS_FILE, text)
+
+
+def write_atomically(path: Path, text: str) -> Path:
+    """Replace ``path`` by ``text`` in one step (temp file + rename), with the umask's mode."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
-        json.dump(dict(sorted(merged.items())), handle, indent=2)
-        handle.write("\n")
+        handle.write(text)
     from vae.training.checkpoints import umask_mode  # torch: not on the CLI's start-up path
 
-    os.chmod(tmp, umask_mode())  # mkstemp's 0600 would differ from the run's other files
-    os.replace(tmp, path)
+    os.chmod(temporary, umask_mode())  # mkstemp's 0600 would differ from the run's other files
+    os.replace(temporary, path)
     return path
 
 
@@ -114,6 +118,99 @@ def config_subdir(ckpt_path: str | None) -> str:
 def log_file_name(ckpt_path: str | None) -> str:
     """The job log: ``train.log``; a resume logs to its own file and leaves the first alone."""
     return f"train_resume_{ATTEMPT}.log" if resumed_run_dir(ckpt_path) else "train.log"
+
+
+def resume_target(path: str) -> str:
+    """``ckpt_path`` as a checkpoint file: a run directory or its ``checkpoints/`` folder means
+    that run's ``last.ckpt``; anything else is returned as given (and checked later)."""
+    folder = Path(path).expanduser()
+    for candidate in (folder / CHECKPOINT_DIR / "last.ckpt", folder / "last.ckpt"):
+        if folder.is_dir() and candidate.is_file():
+            return str(candidate)
+    return path
+
+
+# Overrides that belong to one attempt, never carried over to the next one.
+ATTEMPT_KEYS = ("ckpt_path", "rollback")
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def with_recorded_overrides(overrides: list[str]) -> list[str]:
+    """The command line of a resume, completed with the run's own recorded overrides.
+
+    ``vae-train ckpt_path=<run> trainer.max_epochs=8`` continues the run with the overrides it
+    was trained with (``<run>/.hydra/overrides.yaml``: the first attempt's, or the latest
+    resume's); only the keys given now change. A recorded ``+key=`` keeps its ``+`` when the
+    new command line sets that key. Options (``-m``, ``--cfg``) and anything without a
+    ``ckpt_path`` are returned unchanged.
+    """
+    given = [o for o in overrides if not o.startswith("-")]
+    paths = [o.partition("=")[2] for o in given if _override_key(o) == "ckpt_path"]
+    if not paths or not paths[-1] or any(o in ("-m", "--multirun") for o in overrides):
+        return overrides
+    checkpoint = resume_target(paths[-1])
+    run_dir = resumed_run_dir(checkpoint)
+    recorded_file = run_dir / ".hydra" / "overrides.yaml" if run_dir else None
+    if recorded_file is None or not recorded_file.is_file():
+        return [
+            f"ckpt_path={checkpoint}" if o in given and _override_key(o) == "ckpt_path" else o
+            for o in overrides
+        ]
+    import yaml
+
+    recorded = yaml.safe_load(recorded_file.read_text()) or []
+    keys_now = {_override_key(o): o for o in given}
+    kept = [o for o in recorded if _override_key(o) not in (*keys_now, *ATTEMPT_KEYS)]
+    prefixes = {_override_key(o): o[: len(o) - len(o.lstrip("+"))] for o in recorded}
+    completed = []
+    for override in overrides:
+        key = _override_key(override)
+        if key == "ckpt_path" and not override.startswith("-"):
+            override = f"ckpt_path={checkpoint}"
+        elif prefixes.get(key) and not override.startswith(("+", "~", "-")):
+            override = prefixes[key] + override
+        completed.append(override)
+    return [*kept, *completed]
+
+
+def record_latest_config(run_dir: Path, attempt_folder: str) -> list[str]:
+    """Make ``<run>/.hydra/{config,overrides,hydra}.yaml`` the files of this resume attempt,
+    where vae-eval, vae-compare and the next resume read them; the first attempt's files are
+    kept once in ``.hydra/first/`` and each resume's in its own ``.hydra/resume_<time>/``.
+
+    Returns the config keys whose values differ from the previous latest config, as
+    ``"key: old -> new"`` lines (also the keys a changed ``conf/`` default moved).
+    """
+    import yaml
+    from omegaconf import OmegaConf
+
+    from vae.training.tensorboard import flatten_config
+
+    hydra_dir, attempt = run_dir / ".hydra", run_dir / attempt_folder
+    first = hydra_dir / "first"
+    if not first.exists():
+        first.mkdir()
+        for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+            if (hydra_dir / name).is_file():
+                shutil.copy2(hydra_dir / name, first / name)
+    before = flatten_config(OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml")))
+    after = flatten_config(OmegaConf.to_container(OmegaConf.load(attempt / "config.yaml")))
+    overrides = yaml.safe_load((attempt / "overrides.yaml").read_text()) or []
+    effective = [o for o in overrides if _override_key(o) not in ATTEMPT_KEYS]
+    for name, text in (
+        ("config.yaml", (attempt / "config.yaml").read_text()),
+        ("hydra.yaml", (attempt / "hydra.yaml").read_text()),
+        ("overrides.yaml", yaml.safe_dump(effective, default_flow_style=False)),
+    ):
+        write_atomically(hydra_dir / name, text)
+    return [
+        f"{key}: {before.get(key, '<absent>')} -> {after.get(key, '<absent>')}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in ATTEMPT_KEYS and before.get(key, "<absent>") != after.get(key, "<absent>")
+    ]
 
 
 def group_choice(group: str, *, _root_: Any) -> str:
