@@ -82,3 +82,10 @@ def test_prior_samples_and_bounds_the_same_reconstruction(vqvae_run: Path, prior
     )
     # A learned prior needs no more than a uniform one (4 log 32 nats) after a few steps.
     assert 0 < metrics[tags.VAL_KL] < 4 * math.log(32) + 1.0
+
+
+def test_the_prior_run_name_leaves_out_the_checkpoint_path(vqvae_run: Path, prior_run: Path):
+    # The path is in the run's config (and HParams); in the name it was a four-line label.
+    assert prior_run.parent.name == "vqvae_prior_digits"
+    assert "vqvae_ckpt" not in prior_run.name and vqvae_run.name not in prior_run.name
+    assert "model.dim-32" in prior_run.name  # the other overrides still name it
