@@ -90,7 +90,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         resumed_run_dir,
         write_metrics,
     )
-    from vae.training.tensorboard import flatten_config, log_hparams
+    from vae.training.tensorboard import config_hparams, log_hparams, task_overrides, trial_name
 
     apply_aliases(cfg)
     validate_config(cfg)
@@ -146,10 +146,8 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
                 "; ".join(changes) if changes else "none",
             )
     if resume_step is None and trainer.is_global_zero:  # a resumed run already has its record
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        ignored = ("callbacks.", "logger.", "paths.", "eval.")
-        hparams = {k: v for k, v in flatten_config(resolved).items() if not k.startswith(ignored)}
-        log_hparams(trainer.loggers, hparams, model.hparam_metric_tags())
+        trial = trial_name(task_overrides(), run_dir, default=str(cfg.get("name") or "run"))
+        log_hparams(trainer.loggers, config_hparams(cfg), trial)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning's own, a SystemExit without a code: not a success

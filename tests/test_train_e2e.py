@@ -68,15 +68,16 @@ def test_every_contract_tag_reads_back(digits_run: Path):
     assert image.width > 8 and image.height > 8
 
 
-def test_hparams_hold_the_config_and_the_val_metrics(digits_run: Path):
+def test_hparams_hold_the_config(digits_run: Path):
     records = load_events(digits_run).PluginTagToContent("hparams")
     data = {k: plugin_data_pb2.HParamsPluginData.FromString(v) for k, v in records.items()}
     session = data["_hparams_/session_start_info"].session_start_info
     assert session.hparams["model.beta"].number_value == 1.0
     assert session.hparams["model.latent_dim"].number_value == 8
     assert session.hparams["seed"].number_value == 7
-    metric_tags = {m.name.tag for m in data["_hparams_/experiment"].experiment.metric_infos}
-    assert set(tags.VAE_VAL_SCALARS) <= metric_tags
+    # No experiment record: TensorBoard then takes the metrics from every run's scalars
+    # (tests/test_hparams_tab.py reads the tab as TensorBoard builds it).
+    assert "_hparams_/experiment" not in data
 
 
 def test_kl_positive_and_elbo_improves(digits_run: Path):

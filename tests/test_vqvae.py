@@ -12,7 +12,6 @@ from hydra import compose, initialize_config_dir
 
 from vae.losses import perplexity
 from vae.models import VQVAE, GaussianVAE, VQVAEPrior
-from vae.models.vqvae import code_histogram_image
 from vae.models.vqvae_prior import load_frozen_vqvae
 from vae.nn import CodePrior
 from vae.training import tags
@@ -150,15 +149,6 @@ def test_quantizer_state_travels_in_the_state_dict():
     assert torch.equal(fresh.quantizer.codebook, model.quantizer.codebook)
 
 
-def test_code_histogram_image_has_one_log_scaled_bar_per_code_sorted():
-    image = code_histogram_image(torch.tensor([0.0, 99.0, 9.0, 0.0, 1.0]), height=10)
-    assert image.shape == (1, 10, 5)
-    # log(1 + c) / log(100) * 10: 99 -> 10, 9 -> 5, 1 -> ceil(1.5) = 2, unused -> 0
-    assert image[0].sum(0).tolist() == [10.0, 5.0, 2.0, 0.0, 0.0]
-    assert image[0, -1, 0] == 1.0 and image[0, 0, 0] == 1.0  # full bar, bottom to top
-    assert image[0, -1, 1] == 1.0 and image[0, 0, 1] == 0.0  # bars grow from the bottom
-
-
 # --- the prior network ---------------------------------------------------------------------------
 
 
@@ -222,9 +212,7 @@ def test_code_prior_rejects_wrong_grids_and_heads():
 def test_prior_stage_freezes_the_vqvae_and_bounds_log_likelihood(tmp_path):
     vqvae = small_vqvae(ema=True).eval()
     ckpt = save_lightning_like(vqvae, tmp_path / "vq.ckpt")
-    model = VQVAEPrior(
-        IMAGE, vqvae_ckpt=ckpt, dim=16, depth=1, heads=2, dropout=0.0, data_levels=2
-    )
+    model = VQVAEPrior(IMAGE, vqvae_ckpt=ckpt, dim=16, depth=1, heads=2, dropout=0.0, data_levels=2)
     model.train()
     assert not model.vqvae.training and not model.vqvae.quantizer.training
     torch.testing.assert_close(model.vqvae.quantizer.codebook, vqvae.quantizer.codebook)

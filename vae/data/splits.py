@@ -10,10 +10,16 @@ from vae.data.seeds import SPLIT_STREAM, seeded_generator
 
 @dataclass(frozen=True)
 class ImageSplit:
-    """One split held in memory: ``images`` float32 (N, C, H, W) in [0, 1], ``labels`` int64 (N,)."""
+    """One split held in memory: ``images`` float32 (N, C, H, W) in [0, 1], ``labels`` int64 (N,).
+
+    ``intensities``: for binarized ``images``, the grey [0, 1] images they were drawn from
+    (shown as the originals in ``val/reconstructions``); None when ``images`` are the
+    intensities themselves.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
+    intensities: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.float32 or self.images.dim() != 4:
@@ -26,12 +32,23 @@ class ImageSplit:
                 f"labels must be int64 with shape ({self.images.shape[0]},), got "
                 f"{self.labels.dtype} {tuple(self.labels.shape)}"
             )
+        if self.intensities is not None and self.intensities.shape != self.images.shape:
+            raise ValueError(
+                f"intensities must have the shape of images {tuple(self.images.shape)}, got "
+                f"{tuple(self.intensities.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def originals(self) -> torch.Tensor:
+        """The images as a person should see them: the grey intensities, also when binarized."""
+        return self.images if self.intensities is None else self.intensities
+
     def subset(self, index: torch.Tensor) -> "ImageSplit":
-        return ImageSplit(self.images[index], self.labels[index])
+        intensities = None if self.intensities is None else self.intensities[index]
+        return ImageSplit(self.images[index], self.labels[index], intensities)
 
 
 def split_indices(

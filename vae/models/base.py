@@ -74,10 +74,6 @@ class LatentVariableModule(pl.LightningModule):
     def val_scalar_names(self) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def hparam_metric_tags(self) -> tuple[str, ...]:
-        """Tags the HParams tab shows next to each run's config (their final values)."""
-        return tuple(tags.tag("val", name) for name in self.val_scalar_names())
-
     # --- the steps ---------------------------------------------------------------------------
     def configure_optimizers(self):
         if self.optimizer_factory is None:
@@ -136,14 +132,32 @@ class LatentVariableModule(pl.LightningModule):
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             log_histogram(self.loggers, tags.tag("val", name), values, self.global_step)
 
-    def log_val_images(self) -> None:
-        """``val/reconstructions`` (rows of originals above their reconstructions) and
-        ``val/samples`` (the model's samples, when it has a prior worth sampling)."""
+    def val_display_images(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(inputs, originals) of the first ``num_images`` validation examples: the images as
+        the model sees them, and as a person should see them. With binarized data the inputs
+        are 0/1 draws (salt-and-pepper noise on grey images) and the originals are the grey
+        intensities they were drawn from, which the DataModule's ``val_split`` keeps. Without a
+        DataModule: the first validation batch, as both."""
+        split = getattr(getattr(self.trainer, "datamodule", None), "val_split", None)
+        if split is not None:
+            inputs = split.images[: self.num_images].to(self.device)
+            return inputs, getattr(split, "originals", split.images)[: self.num_images]
         x = self._val_images
-        if x is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
+        return None if x is None else (x, x)
+
+    def log_val_images(self) -> None:
+        """``val/reconstructions`` (rows of grey originals above the decoder means of their
+        inputs) and ``val/samples`` (the model's samples, when it has a prior worth sampling).
+        Both are decoder means: probabilities for a Bernoulli likelihood, never 0/1 draws."""
+        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
+        display = self.val_display_images()
+        if display is None:
+            return
+        x, originals = display
         with torch.no_grad():
-            recon = self.reconstruct(x)
+            recon = self.reconstruct(x).cpu()
+            x = originals.to(recon.device, recon.dtype)
             half = max(1, x.shape[0] // 2)
             per_row = min(16, half)
             rows = [

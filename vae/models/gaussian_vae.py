@@ -22,6 +22,7 @@ from vae.eval.epoch_statistics import ActiveUnits, KLPerDimension
 from vae.losses import PixelLikelihood, compute_elbo, gaussian_kl, kl_regulariser
 from vae.models.base import LatentVariableModule, build_part
 from vae.training import tags
+from vae.training.tensorboard import bar_chart, log_image
 
 Part = Mapping[str, Any] | Callable[..., Any]
 
@@ -160,9 +161,6 @@ class GaussianVAE(LatentVariableModule):
         bits = ("bits_per_dim",) if self.likelihood.reports_bits_per_dim else ()
         return ("loss", "recon", "kl", "elbo", *bits)
 
-    def hparam_metric_tags(self):
-        return (*super().hparam_metric_tags(), tags.VAL_ACTIVE_UNITS)
-
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.likelihood.mean(self.decode(self.encode(x)[0]))
@@ -174,11 +172,26 @@ class GaussianVAE(LatentVariableModule):
             z = torch.randn(num_samples, self.latent_dim, device=self.device)
         return self.likelihood.mean(self.decode(z))
 
+    def log_kl_per_dim_chart(self, kl_per_dim: torch.Tensor) -> None:
+        """``val/kl_per_dim_chart``: one bar per latent dimension, in dimension order, so that
+        which dimension carries the KL (and which collapsed to the prior) stays visible, epoch
+        by epoch; the histogram ``val/kl_per_dim`` keeps only the values."""
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            chart = bar_chart(
+                kl_per_dim,
+                xlabel="latent dimension",
+                ylabel="KL (nats per example)",
+                title=f"sum over dimensions: {float(kl_per_dim.sum()):.4g} nats",
+            )
+            log_image(self.loggers, tags.VAL_KL_PER_DIM_CHART, chart, self.global_step)
+
     # --- statistics of the whole validation epoch (torchmetrics: synced across processes) ---
     def on_validation_epoch_end(self) -> None:
         if self.val_kl_per_dim.update_called:
             self.log_val_epoch_scalar("active_units", self.val_active_units.compute())
-            self.log_val_histogram("kl_per_dim", self.val_kl_per_dim.compute())
+            kl_per_dim = self.val_kl_per_dim.compute()
+            self.log_val_histogram("kl_per_dim", kl_per_dim)
+            self.log_kl_per_dim_chart(kl_per_dim)
         self.val_active_units.reset()
         self.val_kl_per_dim.reset()
         super().on_validation_epoch_end()

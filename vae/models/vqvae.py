@@ -28,9 +28,7 @@ from vae.losses import PixelLikelihood, uniform_prior_rate
 from vae.models.base import LatentVariableModule, build_part
 from vae.nn import VQDecoder, VQEncoder
 from vae.training import tags
-from vae.training.tensorboard import log_image_grid
-
-HISTOGRAM_HEIGHT = 64  # pixels of the tallest bar in val/code_histogram
+from vae.training.tensorboard import bar_chart, log_image
 
 
 def resolve_code_dim(code_dim: int | None, latent_dim: int | None) -> int:
@@ -50,18 +48,19 @@ def resolve_code_dim(code_dim: int | None, latent_dim: int | None) -> int:
     return int(code_dim if code_dim is not None else latent_dim)
 
 
-def code_histogram_image(counts: torch.Tensor, height: int = HISTOGRAM_HEIGHT) -> torch.Tensor:
-    """(1, height, K) image in {0, 1}: one bar per code, most used left.
-
-    Bar heights are log(1 + count) / log(1 + max count): one code usually dominates (the
-    background of the images), and on a linear scale every other bar would be a sliver. An
-    unused code has no bar, so the empty right end is the unused part of the codebook.
-    """
+def code_histogram_image(counts: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) chart of the code histogram: one bar per code, most used left, uses on a log
+    axis (one code usually dominates, the background of the images, and on a linear axis every
+    other bar would be a sliver). An unused code has no bar, so the empty right end is the
+    unused part of the codebook; the title counts the codes used."""
     counts = counts.detach().double().cpu().sort(descending=True).values
-    scaled = torch.log1p(counts) / math.log1p(max(float(counts[0]), 1.0))
-    bar_heights = torch.ceil(scaled * height)  # any use gives at least one pixel
-    rows_from_bottom = torch.arange(height, 0, -1, dtype=torch.float64).unsqueeze(1)
-    return (rows_from_bottom <= bar_heights.unsqueeze(0)).float().unsqueeze(0)
+    return bar_chart(
+        counts,
+        xlabel="codes, sorted by use",
+        ylabel="uses in the epoch",
+        title=f"{int((counts > 0).sum())} of {len(counts)} codes used",
+        log_scale=True,
+    )
 
 
 class VQVAE(LatentVariableModule):
@@ -219,9 +218,6 @@ class VQVAE(LatentVariableModule):
         bits = ("bits_per_dim",) if self.likelihood.reports_bits_per_dim else ()
         return ("loss", "recon", "kl", "elbo", *bits, "mse")
 
-    def hparam_metric_tags(self):
-        return (*super().hparam_metric_tags(), tags.VAL_PERPLEXITY, tags.VAL_CODEBOOK_USAGE)
-
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         params, _ = self(x)
@@ -238,12 +234,7 @@ class VQVAE(LatentVariableModule):
             self.log_val_epoch_scalar("perplexity", code_perplexity)
             self.log_val_epoch_scalar("codebook_usage", usage)
             if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-                log_image_grid(
-                    self.loggers,
-                    tags.VAL_CODE_HISTOGRAM,
-                    code_histogram_image(counts).unsqueeze(0),
-                    self.global_step,
-                    nrow=1,
-                )
+                chart = code_histogram_image(counts)
+                log_image(self.loggers, tags.VAL_CODE_HISTOGRAM, chart, self.global_step)
         self.val_code_usage.reset()
         super().on_validation_epoch_end()

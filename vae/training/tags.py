@@ -30,6 +30,7 @@ VAL_ELBO = "val/elbo"
 VAL_BITS_PER_DIM = "val/bits_per_dim"
 VAL_ACTIVE_UNITS = "val/active_units"
 VAL_KL_PER_DIM = "val/kl_per_dim"  # histogram
+VAL_KL_PER_DIM_CHART = "val/kl_per_dim_chart"  # image: one bar per latent dimension, in order
 
 # Images
 VAL_RECONSTRUCTIONS = "val/reconstructions"
