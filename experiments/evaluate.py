@@ -243,16 +243,24 @@ def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     is read until the numbers are written: while another process writes the run (vae-train,
     another vae-eval), this is refused before anything is computed or written.
     """
+    from vae.training.config import positive_int
     from vae.training.runs import RunLock, RunLockedError
+    from vae.training.threads import apply_threads
 
     settings = cfg.eval
     check_eval_settings(settings)
+    threads = cfg.get("threads", "auto")
+    if threads != "auto" and not positive_int(threads):
+        raise EvaluationError(
+            f"threads={threads!r} is invalid: expected auto or a positive integer."
+        )
     ckpt, run_dir = locate_run(cfg.get("ckpt_path"))
     run_cfg = load_run_config(run_dir)
     try:
         lock = RunLock(run_dir).acquire()
     except RunLockedError as err:
         raise EvaluationError(str(err)) from None
+    print(f"vae-eval: {apply_threads(threads)}", file=sys.stderr)
     try:
         return run_dir, evaluate_checkpoint(ckpt, run_dir, run_cfg, settings)
     finally:

@@ -91,6 +91,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         write_metrics,
     )
     from vae.training.tensorboard import config_hparams, log_hparams, task_overrides, trial_name
+    from vae.training.threads import apply_threads
 
     apply_aliases(cfg)
     validate_config(cfg)
@@ -130,6 +131,10 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO()],
         )
+    # torch's threads per op, for this machine's load and the sweep's parallel jobs (train.log).
+    threads = apply_threads(cfg.get("threads", "auto"), processes=trainer.num_devices)
+    if trainer.is_global_zero:
+        log.info(threads)
 
     resumed = resumed_run_dir(ckpt_path)
     if resumed is not None and trainer.is_global_zero:

@@ -7,7 +7,9 @@ TensorBoard's own event reader.
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -210,6 +212,19 @@ def test_two_runs_started_together_get_distinct_intact_directories(tmp_path: Pat
     assert without_timings(a) == without_timings(b)
 
 
+def assert_threads_shared(run_dir: Path, processes: int, joblib: bool = False) -> None:
+    """train.log says how many torch threads the run took: at most its share of the cores."""
+    from joblib import cpu_count
+
+    share = max(cpu_count() // processes, 1)
+    line = re.search(r"Intra-op threads: (\d+) \((.*?)\)", (run_dir / "train.log").read_text())
+    assert line is not None and int(line[1]) <= share, line
+    # The user's OMP_NUM_THREADS is kept; the one joblib gives its jobs (cores // n_jobs) is not.
+    omp = os.environ.get("OMP_NUM_THREADS")
+    if omp is None or (joblib and omp == str(share)):
+        assert f"shared by {processes} parallel processes" in line[2], line
+
+
 def test_parallel_multirun_with_joblib(tmp_path: Path):
     run_cli(
         "vae-train",
@@ -224,6 +239,8 @@ def test_parallel_multirun_with_joblib(tmp_path: Path):
     metrics = sorted((tmp_path / "logs").rglob("metrics.json"))
     assert len(metrics) == 2
     assert sorted(json.loads(p.read_text())[tags.TRAIN_BETA] for p in metrics) == [1.0, 2.0]
+    for path in metrics:  # the 2 jobs share the cores (auto threads; train.log says so)
+        assert_threads_shared(path.parent, 2, joblib=True)
 
 
 def test_deterministic_runs_are_bitwise_equal(tmp_path: Path):
@@ -253,3 +270,4 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path: Path):
     # 1437 training digits split over 2 processes: 12 steps of 64 per process.
     assert metrics["global_step"] == 12
     assert len(list(run_dirs[0].glob("events.out.tfevents.*"))) == 1
+    assert_threads_shared(run_dirs[0], 2)  # the 2 processes share the cores

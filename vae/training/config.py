@@ -138,6 +138,11 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("seed", lambda v: v is None or _is_int(v), "an integer or null"),
     Rule(
+        "threads",
+        lambda v: v == "auto" or positive_int(v),
+        "auto or a positive integer (torch's intra-op threads)",
+    ),
+    Rule(
         "callbacks.nonfinite_guard.skip_nonfinite", lambda v: isinstance(v, bool), "true or false"
     ),
     Rule("test", lambda v: isinstance(v, bool), "true or false"),
