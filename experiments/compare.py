@@ -307,6 +307,8 @@ def read_run(run_dir: Path) -> Run:
     run = Run(path=run_dir)
     run.config, run.overrides, run.aliases = read_config(run_dir)
     saved = read_metrics_file(run_dir)
+    if saved.get("fast_dev_run"):  # one batch of each loop: a smoke test, not a result
+        raise UnreadableRunError("a debug=fdr run, one batch of each loop: not a result")
     try:
         run.series = read_scalars(run_dir)
     # TensorBoard's reader skips a corrupt record by itself; what it raises (OSError, its own

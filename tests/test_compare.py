@@ -517,3 +517,16 @@ def test_run_names_in_a_table(tmp_path):
         tmp_path / "2026-01-01_10-00-00_aaaaaa",
     ]
     assert table_names(twins) == [twins[0].name, twins[1].name]
+
+
+def test_a_fast_dev_run_is_skipped_as_not_a_result(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    for beta in (1, 4):
+        config = vae_config("vae.models.GaussianVAE", beta=beta)
+        write_fake_run(logs / f"run{beta}", config, METRICS, CURVES)
+    config = vae_config("vae.models.GaussianVAE", beta=2)
+    write_fake_run(logs / "smoke", config, {**METRICS, "fast_dev_run": True}, CURVES)
+    main([str(logs), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert "/smoke: a debug=fdr run, one batch of each loop: not a result" in captured.err
+    assert captured.out.splitlines()[-1].startswith("2 runs; wrote")
