@@ -214,10 +214,9 @@ def test_racing_resumes_killed_at_random_leave_one_intact_run(tmp_path: Path, se
     total = final_epochs * per_epoch
     assert read_metrics(run_dir)["global_step"] == total, history
     assert _step(run_dir) == total, history
-    # A known race shows here as one train/loss step missing at a multiple of 7: LastCheckpoint
-    # replaces last.ckpt at the end of a batch, before Lightning logs that batch's train/*; a
-    # SIGKILL in between (~0.3 ms of each ~50 ms between step saves) leaves the checkpoint
-    # ahead of the curve, and the resume starts the curve after it.
+    # A step missing at a multiple of 7 would mean a step save got ahead of its events (fixed:
+    # LastCheckpoint publishes a step save only once Lightning has logged that step; see
+    # test_writers.py::test_a_sigkill_right_after_a_step_save_leaves_no_gap_in_the_curve).
     events = load_events(run_dir)
     for tag, expected in [
         (tags.TRAIN_LOSS, range(1, total + 1)),  # logged at every step

@@ -159,3 +159,104 @@ def test_resuming_from_an_older_checkpoint_is_refused_unless_asked(finished_run:
     )
     assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 46  # retrained 23 -> 46
     assert len(list(checkpoints.glob("best-*.ckpt"))) == 1
+
+
+# --- the lock's own races, forced in-process (found by tests/test_stress_writers.py) -----------
+def _acquire_in_thread(lock) -> tuple:
+    """Start ``lock.acquire()`` in a thread; after 0.3 s say whether it is still waiting."""
+    import threading
+
+    from vae.training.runs import RunLockedError
+
+    outcome: dict = {}
+
+    def acquire():
+        try:
+            lock.acquire()
+        except RunLockedError as err:
+            outcome["refused"] = str(err)
+
+    thread = threading.Thread(target=acquire)
+    thread.start()
+    thread.join(0.3)
+    outcome["waited"] = thread.is_alive()
+    return thread, outcome
+
+
+def test_two_writers_taking_over_one_stale_lock_do_not_both_hold_it(tmp_path: Path):
+    from vae.training.runs import RunLock
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    holder = {"pid": dead.pid, "host": socket.gethostname(), "started": 0}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(holder))
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    judged, race = RunLock._is_stale, {}
+
+    def judge_then_let_the_other_try(holder):
+        stale = judged(holder)
+        race["thread"], race["outcome"] = _acquire_in_thread(first)  # between check and take
+        return stale
+
+    second._is_stale = judge_then_let_the_other_try
+    second.acquire()
+    race["thread"].join()
+    assert (first.held, second.held) == (False, True)
+    assert race["outcome"]["waited"] and "being written by pid" in race["outcome"]["refused"]
+
+
+def test_a_lock_file_not_yet_written_is_not_taken_for_a_stale_one(tmp_path: Path, monkeypatch):
+    from vae.training import runs
+    from vae.training.runs import RunLock
+
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    fdopen, race = os.fdopen, {}
+
+    def the_other_arrives_before_the_record(fd, *args, **kwargs):
+        monkeypatch.setattr(runs.os, "fdopen", fdopen)
+        race["thread"], race["outcome"] = _acquire_in_thread(second)
+        return fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(runs.os, "fdopen", the_other_arrives_before_the_record)
+    first.acquire()
+    race["thread"].join()
+    assert (first.held, second.held) == (True, False)
+    assert race["outcome"]["waited"] and "being written by pid" in race["outcome"]["refused"]
+
+
+KILLED_RIGHT_AFTER_A_STEP_SAVE = """
+import os, signal, sys
+from experiments import train
+from vae.training.callbacks import LastCheckpoint
+
+save = LastCheckpoint._save
+
+def save_then_die(self, trainer, *args):
+    saved = save(self, trainer, *args)
+    if trainer.global_step == 14:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return saved
+
+LastCheckpoint._save = save_then_die
+sys.argv = ["vae-train", *sys.argv[1:]]
+train.main()
+"""
+
+
+def test_a_sigkill_right_after_a_step_save_leaves_no_gap_in_the_curve(tmp_path: Path):
+    from tests.cli import REPO
+
+    every_step = ["trainer.log_every_n_steps=1", "callbacks.last_checkpoint.every_n_train_steps=7"]
+    killed = subprocess.run(
+        [str(BIN / "python"), "-c", KILLED_RIGHT_AFTER_A_STEP_SAVE, "trainer.max_epochs=2"]
+        + ["seed=2", *every_step, *QUICK],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (run_dir,) = tmp_path.glob("logs/vae_digits/*")
+    run_cli("vae-train", f"ckpt_path={run_dir}", cwd=tmp_path)
+    steps = [s for s, _ in scalar_series(load_events(run_dir), "train/loss")]
+    assert steps == list(range(1, 47)), sorted(set(range(1, 47)) - set(steps))

@@ -13,6 +13,14 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from vae.training.tensorboard import summary_writers
+
+
+def flush_events(loggers) -> None:
+    """Write the events logged so far to disk (``SummaryWriter`` queues them for a thread)."""
+    for writer in summary_writers(loggers):
+        writer.flush()
+
 
 class TrainThroughput(pl.Callback):
     """Training examples per second of wall time spent in training batches.
@@ -127,6 +135,14 @@ class LastCheckpoint(pl.callbacks.Checkpoint):
     A ``Checkpoint`` subclass, so that Lightning calls its epoch-end hook with the checkpoint
     callbacks, after ``ModelCheckpoint`` (listed before it) has saved this epoch's best: the
     saved state then knows that best, and a resumed run replaces it instead of keeping two.
+
+    ``last.ckpt`` never gets ahead of the TensorBoard events: a resumed run hides the events
+    after its checkpoint's step, so an event up to that step that was not on disk when the
+    writer died would be a gap for good. Events are flushed before every save. A step save
+    is written where Lightning expects it (batch end) but Lightning logs that step's train/*
+    after that hook, so the file replaces ``last.ckpt`` only at the next batch's start; a
+    writer killed in between leaves the previous ``last.ckpt`` and a temporary that the
+    resume removes.
     """
 
     FILENAME = "last.ckpt"
@@ -135,37 +151,67 @@ class LastCheckpoint(pl.callbacks.Checkpoint):
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps or 0
         self._saved_step: int | None = None
+        self._pending_step: int | None = None
 
     @property
     def path(self) -> str:
         return os.path.join(self.dirpath, self.FILENAME)
 
-    def _save(self, trainer) -> None:
+    @property
+    def pending_path(self) -> str:
+        """A step save not yet published; matches ``checkpoints.TEMPORARY_PATTERN``."""
+        return os.path.join(self.dirpath, f".{self.FILENAME}.pending.tmp")
+
+    def _save(self, trainer, path: str | None = None) -> bool:
         if trainer.fast_dev_run or trainer.sanity_checking:
+            return False
+        flush_events(trainer.loggers)
+        trainer.save_checkpoint(path or self.path, weights_only=False)
+        return True
+
+    def _publish(self, trainer) -> None:
+        """The pending step save becomes ``last.ckpt``, once the events of its step are on disk."""
+        if self._pending_step is None:
             return
-        trainer.save_checkpoint(self.path, weights_only=False)
-        self._saved_step = trainer.global_step
+        flush_events(trainer.loggers)
+        if trainer.is_global_zero:
+            os.replace(self.pending_path, self.path)
+        self._saved_step, self._pending_step = self._pending_step, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         every = self.every_n_train_steps
         if every and trainer.global_step % every == 0:
-            self._save(trainer)
+            if self._save(trainer, self.pending_path):
+                self._pending_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._publish(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
+        self._pending_step = None  # this save holds the same step, and the epoch's validation
+        if self._save(trainer):
+            self._saved_step = trainer.global_step
+        if trainer.is_global_zero and os.path.exists(self.pending_path):
+            os.remove(self.pending_path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._publish(trainer)  # a fit that stopped mid-epoch (max_steps) after a step save
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # Lightning stops at a step boundary on SIGTERM (a scheduler's or `timeout`'s): keep
-        # that state, so that a resume continues from there. Not when it stops inside a
-        # validation, whose half-done state a resume would not redo, nor right after an epoch
-        # whose end was saved already (the epoch counter has moved on since, and a resume from
-        # that state would skip an epoch): the last save stands.
-        if (
-            isinstance(exception, SIGTERMException)
-            and trainer.training
-            and trainer.global_step != self._saved_step
-        ):
-            self._save(trainer)
+        if not isinstance(exception, SIGTERMException):
+            # Maybe raised before Lightning logged the pending save's step: keep the last one.
+            self._pending_step = None
+            if trainer.is_global_zero and os.path.exists(self.pending_path):
+                os.remove(self.pending_path)
+            return
+        # Lightning stops on SIGTERM at a step boundary (a scheduler's or `timeout`'s), after
+        # logging that step: keep that state, so that a resume continues from there. Not when
+        # it stops inside a validation, whose half-done state a resume would not redo, nor
+        # right after an epoch whose end was saved already (the epoch counter has moved on
+        # since, and a resume from that state would skip an epoch): the last save stands.
+        self._publish(trainer)
+        if trainer.training and trainer.global_step != self._saved_step and self._save(trainer):
+            self._saved_step = trainer.global_step
 
 
 class NonFiniteLossError(FloatingPointError):

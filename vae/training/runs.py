@@ -4,6 +4,8 @@ clean-up of a run that failed before it started."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -14,7 +16,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +344,17 @@ class RunLockedError(RuntimeError):
     """Another process is writing into the run directory; the message names it."""
 
 
+@contextlib.contextmanager
+def _directory_locked(folder: Path) -> Iterator[None]:
+    """Hold ``flock`` on ``folder`` (exclusive, blocking) for the duration of the block."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 class RunLock:
     """An exclusive lock on a run directory: ``<run>/.writer.lock`` holds the writer's pid, host
     and start time, created with ``O_EXCL`` so that of two writers exactly one gets it.
@@ -356,6 +369,14 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> RunLock:
+        # Checked and created under a kernel lock on the run directory, so that two writers
+        # never interleave: neither reads the other's lock file before its record is written,
+        # nor removes a lock the other has just put in place of a stale one. The kernel drops
+        # that lock when its process dies, so it cannot go stale itself.
+        with _directory_locked(self.path.parent):
+            return self._acquire()
+
+    def _acquire(self) -> RunLock:
         for _ in range(2):  # a second try after removing a stale lock
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
