@@ -8,6 +8,8 @@ takes ``binarize="none" | "static" | "dynamic"`` (see ``vae.data.binarize``), an
 - ``MNISTDataModule``, ``FashionMNISTDataModule``: IDX files from ``data.root`` (and, for
   Fashion-MNIST, the Debian package ``dataset-fashion-mnist``), read in place.
 - ``CIFAR10DataModule``: torchvision's CIFAR-10 pickles from ``data.root``.
+- ``FortunesDataModule``: text, ``(tokens, lengths)`` batches from the Debian package
+  ``fortunes`` (see ``vae.data.fortunes``).
 
 Missing or unusable files raise ``DatasetNotFoundError`` with the ways to get them.
 """
@@ -16,6 +18,7 @@ from vae.data.binarize import BINARIZE_MODES
 from vae.data.cifar import CIFAR10DataModule
 from vae.data.digits import DigitsDataModule
 from vae.data.errors import DatasetNotFoundError
+from vae.data.fortunes import FortunesDataModule, Vocabulary
 from vae.data.mnist import FashionMNISTDataModule, IDXImageDataModule, MNISTDataModule
 from vae.data.splits import ImageSplit
 from vae.data.tensor_datamodule import InMemoryDataModule
@@ -26,8 +29,10 @@ __all__ = [
     "DatasetNotFoundError",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "FortunesDataModule",
     "IDXImageDataModule",
     "ImageSplit",
     "InMemoryDataModule",
     "MNISTDataModule",
+    "Vocabulary",
 ]
