@@ -51,17 +51,34 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
 
 
 def build_model(model_cfg: DictConfig, datamodule):
-    """The model of ``model_cfg`` for ``datamodule``'s images (shape and pixel levels).
+    """The model of ``model_cfg`` for ``datamodule``: its images' shape and pixel levels, or
+    its vocabulary for a text model.
 
     The parts stay configs (``_recursive_=False``): the model builds them and saves them with
     its hyper-parameters, so that ``Model.load_from_checkpoint(path)`` rebuilds it alone.
     """
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
 
+    from vae.training.config import ConfigError
+
+    # Text models take the DataModule's vocabulary, image models its image shape: a model of
+    # one kind on data of the other is refused before anything is written.
+    model_kind = getattr(get_class(model_cfg._target_), "modality", "image")
+    data_kind = getattr(datamodule, "modality", "image")
+    if model_kind != data_kind:
+        raise ConfigError(
+            f"model ({model_cfg._target_}) needs {model_kind} data, but data={datamodule.name} "
+            f"is {data_kind} data: use model=text_lm with data=fortunes, or an image model "
+            "(e.g. model=vae) with an image dataset (e.g. data=digits)."
+        )
+    data_args = (
+        {"vocabulary": datamodule.vocabulary.tokens}
+        if data_kind == "text"
+        else {"image_shape": datamodule.image_shape, "data_levels": datamodule.num_levels}
+    )
     return instantiate(
         OmegaConf.to_container(model_cfg, resolve=True),
-        image_shape=datamodule.image_shape,
-        data_levels=datamodule.num_levels,
+        **data_args,
         _recursive_=False,
         _convert_="all",
     )

@@ -104,6 +104,17 @@ VQVAE_IMAGES = (*IMAGES, VAL_CODE_HISTOGRAM)
 VQVAE_PRIOR_TRAIN_SCALARS = (TRAIN_LOSS, TRAIN_KL)
 VQVAE_PRIOR_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_BITS_PER_DIM)
 
+# Text language model (vae.models.TextLanguageModel, model=text_lm). Nats per sentence, pads
+# excluded; no latent, so no kl:
+#   train/loss, val/loss  KL(target || predicted) summed over a sentence's next-token targets
+#                      (= the NLL for one-hot targets; NLL - H(target) with label smoothing)
+#   val/elbo           log p(sentence) = -NLL, exact (no latent); picks the best checkpoint
+#   val/perplexity     exp(sum NLL / sum predicted tokens) over the validation epoch, per token
+#   val/samples        text (TensorBoard's text plugin): sampled sentences
+TEXT_LM_TRAIN_SCALARS = (TRAIN_LOSS,)
+TEXT_LM_VAL_SCALARS = (VAL_LOSS, VAL_ELBO, VAL_PERPLEXITY)
+TEXT_LM_TEXTS = (VAL_SAMPLES,)
+
 # Test split. One owner: vae.eval.suite.evaluate_split, called by `vae-eval` and by
 # `vae-train test=true` (same eval.* settings, same numbers), into the run's TensorBoard and
 # metrics.json. Sample scores (label KL, classifier score, FID) come from `vae-eval` only.
