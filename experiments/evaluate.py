@@ -16,6 +16,7 @@ This file only wires; the metrics are plain functions in ``vae.eval``.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -132,8 +133,17 @@ def build_model_and_data(run_cfg: DictConfig, checkpoint: dict, ckpt: Path, data
 
     if data_root is not None:
         run_cfg.data.root = data_root
+    # A text model's checkpoint holds its vocabulary: the test ids must be those it learned.
+    vocabulary = checkpoint.get("hyper_parameters", {}).get("vocabulary")
+    saved = ckpt.parent.parent / "vocab.json"
+    if vocabulary is not None and saved.is_file() and json.loads(saved.read_text()) != vocabulary:
+        raise EvaluationError(
+            f"{saved} is not the vocabulary of {ckpt} (a file from another run?): the "
+            "checkpoint's own vocabulary is used for evaluation; restore or remove that file."
+        )
+    data_args = {} if vocabulary is None else {"vocabulary": vocabulary}
     try:
-        datamodule = instantiate(run_cfg.data, _convert_="all")
+        datamodule = instantiate(run_cfg.data, **data_args, _convert_="all")
         model = build_model(run_cfg.model, datamodule)
         check_compatible(checkpoint, model, path=str(ckpt))
         model.load_state_dict(checkpoint["state_dict"])
@@ -271,7 +281,7 @@ def evaluate_checkpoint(
     ckpt: Path, run_dir: Path, run_cfg: DictConfig, settings: DictConfig
 ) -> dict[str, Any]:
     """The test/* numbers of ``ckpt``, written into ``run_dir`` at the checkpoint's step."""
-    from vae.eval.suite import evaluate_split
+    from vae.eval.suite import evaluate_split, evaluation_inputs
     from vae.training.checkpoints import CheckpointError, read_checkpoint
 
     try:
@@ -285,7 +295,7 @@ def evaluate_checkpoint(
     model.to(device)
 
     limit = settings.limit
-    images = datamodule.test_split.images[:limit]
+    images = evaluation_inputs(datamodule)[:limit]
     print(
         f"vae-eval: {type(model).__name__} at step {step}, {images.shape[0]} test examples "
         f"of {getattr(datamodule, 'name', type(datamodule).__name__)}, device {device}",
@@ -306,7 +316,9 @@ def evaluate_checkpoint(
     except ValueError as err:
         raise EvaluationError(str(err)) from None
     notes: list[str] = []
-    if settings.sample_scores:
+    if settings.sample_scores and getattr(model, "modality", "image") == "text":
+        notes.append("vae-eval: no sample scores for text (they score images with a classifier)")
+    elif settings.sample_scores:
         scores, notes = sample_metrics(model, run_cfg, settings, limit, device)
         metrics.update(scores)
     print(f"vae-eval: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)

@@ -199,14 +199,14 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         # The final model's test/* numbers, exactly as vae-eval computes them (the sample scores
         # need vae-eval), at the final step, in the run's event file of test numbers at that
         # step: a later vae-eval of last.ckpt replaces them rather than adding a second point.
-        from vae.eval.suite import evaluate_split, non_finite_metrics
+        from vae.eval.suite import evaluate_split, evaluation_inputs, non_finite_metrics
         from vae.training.callbacks import NonFiniteLossError
         from vae.training.tensorboard import write_test_events
 
         settings = cfg.eval
         test_metrics = evaluate_split(
             model.eval(),
-            datamodule.test_split.images[: settings.limit],
+            evaluation_inputs(datamodule)[: settings.limit],
             k=settings.k,
             batch_size=settings.batch_size,
             chunk_size=settings.chunk_size,

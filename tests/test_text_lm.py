@@ -89,21 +89,29 @@ def test_sampling_top_k_one_is_greedy_and_rows_stop_at_eos():
         net.sample(1, 3, temperature=0.0)
 
 
-def test_vae_train_on_a_tiny_corpus_logs_text_lm_tags(tmp_path):
-    write_corpus(tmp_path / "corpus")
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A text_lm run of 4 epochs on the tiny corpus, with test=true: (cwd, run directory)."""
+    cwd = tmp_path_factory.mktemp("text_lm")
+    write_corpus(cwd / "corpus")
     proc = run_cli(
         "vae-train",
         "model=text_lm",
         "data=fortunes",
-        f"data.root={tmp_path / 'corpus'}",
+        f"data.root={cwd / 'corpus'}",
         "data.min_count=1",
         "data.batch_size=8",
         "trainer.max_epochs=4",
         "model.top_k=5",
+        "test=true",
         *QUICK,
-        cwd=tmp_path,
+        cwd=cwd,
     )
-    run_dir = tmp_path / last_line(proc.stdout)
+    return cwd, cwd / last_line(proc.stdout)
+
+
+def test_vae_train_on_a_tiny_corpus_logs_text_lm_tags(trained_run):
+    _, run_dir = trained_run
     events = load_events(run_dir)
     scalars = set(events.Tags()["scalars"])
     assert {*tags.TEXT_LM_TRAIN_SCALARS, *tags.TEXT_LM_VAL_SCALARS} <= scalars
@@ -121,6 +129,25 @@ def test_vae_train_on_a_tiny_corpus_logs_text_lm_tags(tmp_path):
     assert checkpoint["hyper_parameters"]["vocabulary"] == vocab
     assert math.isfinite(metrics["train/loss"])
     assert scalars - {"epoch"} | {"val/samples"} <= readme_table_tags()
+
+
+def test_vae_eval_reloads_the_vocabulary_and_refuses_another(trained_run):
+    cwd, run_dir = trained_run
+    at_train = read_metrics(run_dir)  # test=true: test/* of the final model, as vae-eval's
+    vocab = json.loads((run_dir / "vocab.json").read_text())
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = run_cli("vae-eval", f"ckpt_path={ckpt}", cwd=cwd)
+    assert "no sample scores for text" in proc.stdout
+    tested = read_metrics(run_dir)
+    for key in ("test/nll_iw", "test/elbo", "test/perplexity", "test/num_examples"):
+        assert tested[key] == pytest.approx(at_train[key], rel=1e-6), key
+    assert tested["test/nll_iw"] == pytest.approx(-tested["test/elbo"])
+    assert 1 < tested["test/perplexity"] < len(vocab) / 4
+    # A vocabulary file from another run is named, and nothing is written.
+    (run_dir / "vocab.json").write_text(json.dumps(vocab[:4] + ["other", *vocab[4:]]))
+    proc = run_cli("vae-eval", f"ckpt_path={ckpt}", cwd=cwd, check=False)
+    assert proc.returncode == 2 and "vocab.json is not the vocabulary of" in last_line(proc.stderr)
+    assert read_metrics(run_dir) == tested
 
 
 @pytest.mark.parametrize(

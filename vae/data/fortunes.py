@@ -284,6 +284,12 @@ class FortunesDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", SequentialSampler(self.splits["test"]))
 
+    def padded(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole split as one ``(tokens, lengths)`` batch (for evaluation)."""
+        if not self.splits:
+            raise RuntimeError("FortunesDataModule.setup() must run before asking for a split")
+        return pad_batch(self.splits[name])
+
     # Mid-epoch resume, as in vae.data.tensor_datamodule.InMemoryDataModule.
     def state_dict(self) -> dict:
         trainer = self.trainer

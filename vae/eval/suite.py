@@ -6,7 +6,9 @@ Plain functions over in-memory batches: ``vae-eval`` calls them, and so can a no
 * :func:`sample_score_metrics`: label KL and classifier score of generated samples.
 * :func:`vqvae_metrics` / :func:`vqvae_prior_metrics`: reconstruction MSE, perplexity and
   codebook usage over the whole split; the prior's bits/dim.
-* :func:`evaluate_split`: the one that fits the model; :func:`non_finite_metrics`: the numbers
+* :func:`text_lm_metrics`: a language model's exact NLL per sentence and perplexity per token.
+* :func:`evaluate_split`: the one that fits the model (:func:`evaluation_inputs` gives it the
+  split); :func:`non_finite_metrics`: the numbers
   that must not be written into a run.
 
 All likelihood terms are nats per example, averaged over the examples of the split.
@@ -36,6 +38,8 @@ __all__ = [
     "batches_of",
     "gaussian_vae_metrics",
     "sample_score_metrics",
+    "evaluation_inputs",
+    "text_lm_metrics",
     "vqvae_metrics",
     "vqvae_prior_metrics",
     "evaluate_split",
@@ -230,6 +234,38 @@ def _bits_per_dim(model, nll: float) -> dict[str, float]:
     return {} if bits is None else {tags.TEST_BITS_PER_DIM: float(bits)}
 
 
+@torch.no_grad()
+def text_lm_metrics(
+    model, batches: Iterable[Tensor], progress: Progress | None = None
+) -> dict[str, Any]:
+    """Test metrics of a language model (``TextLanguageModel``) on token-id batches (B, T)
+    padded with 0: ``test/nll_iw`` = -log p(sentence), exact (no latent, so no importance
+    samples), ``test/elbo`` = log p(sentence), nats per sentence averaged over the split, and
+    ``test/perplexity`` = exp(sum NLL / sum predicted tokens), per token."""
+    total_nll, total_tokens, done = 0.0, 0.0, 0
+    for tokens in batches:
+        terms = model.terms((tokens, (tokens != 0).sum(dim=1)))
+        total_nll += float(terms["nll"].double().sum())
+        total_tokens += float(terms["tokens"].double().sum())
+        done += tokens.shape[0]
+        if progress is not None:
+            progress(done)
+    return {
+        tags.TEST_NLL_IW: total_nll / done,
+        tags.TEST_ELBO: -total_nll / done,
+        tags.TEST_PERPLEXITY: math.exp(total_nll / total_tokens),
+        tags.TEST_NUM_EXAMPLES: done,
+    }
+
+
+def evaluation_inputs(datamodule) -> Tensor:
+    """The test split as one tensor: images (N, C, H, W), or for text the token ids (N, T)
+    padded with 0 (``<pad>``); ``evaluate_split`` takes its first rows."""
+    if getattr(datamodule, "modality", "image") == "text":
+        return datamodule.padded("test")[0]
+    return datamodule.test_split.images
+
+
 def evaluate_split(
     model,
     images: Tensor,
@@ -244,7 +280,8 @@ def evaluate_split(
     """Every ``test/*`` likelihood number of ``model`` on ``images``, the one definition of
     those tags: ``vae-eval`` and ``vae-train test=true`` both call this.
 
-    Dispatches on what the model provides: a VQ-VAE prior (``.vqvae`` and ``.prior``), a VQ-VAE
+    Dispatches on what the model provides: a language model (``modality = "text"``, ``images``
+    then token ids, see :func:`evaluation_inputs`), a VQ-VAE prior (``.vqvae`` and ``.prior``), a VQ-VAE
     (``encode_indices``), or a Gaussian VAE (``encode``, ``decode``, ``reconstruction_nll``).
     ``progress(label, total)`` may return a callback that is told the examples done so far.
     The model should be in eval mode; ``seed`` keys the importance samples and, for a density
@@ -257,6 +294,8 @@ def evaluate_split(
         return progress(label, total) if progress is not None else None
 
     torch.manual_seed(seed)
+    if getattr(model, "modality", "image") == "text":
+        return text_lm_metrics(model, batches, report("nll"))
     if hasattr(model, "prior") and hasattr(model, "vqvae"):
         return vqvae_prior_metrics(model, batches, report("prior"))
     if hasattr(model, "encode_indices") and hasattr(model, "num_codes"):
