@@ -164,3 +164,29 @@ def test_a_model_on_data_of_the_other_kind_is_refused(tmp_path, args):
     message = last_line(proc.stderr)
     assert "model (" in message and "data=" in message and "model=text_lm" in message
     assert not (tmp_path / "logs").exists()
+
+
+def test_bad_text_settings_are_all_named_before_anything_is_built():
+    from tests.test_config import composed
+    from vae.training.config import ConfigError, validate_config
+
+    cfg = composed(
+        "model=text_lm",
+        "data=fortunes",
+        "model.label_smoothing=1.0",
+        "model.top_k=0",
+        "data.max_tokens=0",
+        "data.min_count=0",
+        "model.hidden_dim=-1",
+    )
+    with pytest.raises(ConfigError) as error:
+        validate_config(cfg)
+    for key in (
+        "model.label_smoothing=1.0",
+        "model.top_k=0",
+        "data.max_tokens=0",
+        "data.min_count=0",
+        "model.hidden_dim=-1",
+    ):
+        assert key in str(error.value)
+    validate_config(composed("model=text_lm", "data=fortunes", "model.label_smoothing=0.1"))

@@ -238,6 +238,22 @@ VQ_RULES: tuple[Rule, ...] = (
 )
 RULES = RULES + VQ_RULES
 
+# --- text (data=fortunes, model=text_lm) -------------------------------------------------------
+TEXT_RULES: tuple[Rule, ...] = (
+    Rule("data.max_tokens", positive_int, "a positive integer (words per text, longer dropped)"),
+    Rule("data.min_count", positive_int, "a positive integer (rarer words become <unk>)"),
+    Rule("data.val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    Rule("data.test_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    Rule("model.embed_dim", positive_int, "a positive integer"),
+    Rule("model.hidden_dim", positive_int, "a positive integer"),
+    Rule("model.num_layers", positive_int, "a positive integer"),
+    Rule("model.label_smoothing", decay_fraction, "a number in [0, 1) (0: one-hot targets)"),
+    Rule("model.top_k", optional(positive_int), "null (all tokens) or a positive integer"),
+    Rule("model.num_samples", positive_int, "a positive integer"),
+    Rule("model.max_sample_tokens", positive_int, "a positive integer"),
+)
+RULES = RULES + TEXT_RULES
+
 
 def apply_aliases(cfg: DictConfig) -> None:
     """Resolve ``model.latent_dim`` as an alias of ``model.code_dim`` (VQ-VAE configs).
