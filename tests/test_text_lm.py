@@ -74,6 +74,17 @@ def test_padded_positions_contribute_nothing():
     torch.testing.assert_close(again["kl"], terms["kl"].detach())
 
 
+def test_projecting_only_predicted_positions_gives_the_same_terms():
+    torch.manual_seed(0)
+    net = GRULanguageModel(V, embed_dim=8, hidden_dim=16)
+    _, tokens, lengths = batch(3)
+    full = next_token_terms(net(tokens)[0], tokens, lengths, 0.1)
+    features = net.features(tokens)[0]
+    picked = next_token_terms(features, tokens, lengths, 0.1, project=net.output)
+    for name in ("kl", "nll", "tokens"):
+        torch.testing.assert_close(picked[name], full[name])
+
+
 def test_sampling_top_k_one_is_greedy_and_rows_stop_at_eos():
     torch.manual_seed(0)
     net = GRULanguageModel(V, embed_dim=8, hidden_dim=16)

@@ -91,8 +91,10 @@ class TextLanguageModel(pl.LightningModule):
 
     def terms(self, batch) -> dict[str, torch.Tensor]:
         tokens, lengths = batch
-        logits, _ = self.net(tokens)
-        return next_token_terms(logits, tokens, lengths, self.label_smoothing)
+        features, _ = self.net.features(tokens)
+        return next_token_terms(
+            features, tokens, lengths, self.label_smoothing, project=self.net.output
+        )
 
     def training_step(self, batch, batch_idx):
         terms = self.terms(batch)

@@ -13,6 +13,8 @@ so it has the gradients of the smoothed cross-entropy and is 0 at its optimum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,8 +72,15 @@ class GRULanguageModel(nn.Module):
         """Logits (B, T, V) of the token after each position of ``tokens`` (B, T), and the GRU
         state after the last one. The GRU is causal, so padding at the end of a row changes
         nothing before it: no packing is needed, the loss masks the padded positions."""
+        features, state = self.features(tokens, state)
+        return self.output(features), state
+
+    def features(
+        self, tokens: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``self.output`` maps to logits: (B, T, hidden_dim), and the GRU state."""
         hidden, state = self.gru(self.dropout(self.embedding(tokens)), state)
-        return self.output(self.dropout(hidden)), state
+        return self.dropout(hidden), state
 
     @torch.no_grad()
     def sample(
@@ -120,10 +129,18 @@ def smoothed_targets(
 
 
 def next_token_terms(
-    logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    label_smoothing: float = 0.0,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss terms of a batch ``tokens`` (B, T), ``lengths`` (B,), given ``logits``
     (B, T, V) = the model's output on ``tokens``; position t predicts token t + 1.
+
+    With ``project`` (e.g. the output layer), ``logits`` are the features (B, T, H) it maps to
+    logits, and only the predicted positions are projected: the padding, often half of a
+    batch of texts, then costs nothing in the largest layer (H x V).
 
     Returns per-sentence sums over the ``lengths - 1`` predicted tokens (pads excluded):
     ``kl`` (B,) the training loss KL(target || predicted) in nats, ``nll`` (B,) the
@@ -134,10 +151,12 @@ def next_token_terms(
     mask = torch.arange(targets.shape[1], device=tokens.device) < (lengths[:, None] - 1)
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(targets)[mask]
     picked_logits, picked_targets = inputs_logits[mask], targets[mask]  # (N, V), (N,)
+    if project is not None:
+        picked_logits = project(picked_logits)
     # Validation off: the target is built right here, sums to 1 by construction.
     kl = KLDivergence(reduction="none", from_logits=True, validate=False)(
         predicted=picked_logits,
-        target=smoothed_targets(picked_targets, logits.shape[-1], label_smoothing),
+        target=smoothed_targets(picked_targets, picked_logits.shape[-1], label_smoothing),
     )
     nll = F.cross_entropy(picked_logits, picked_targets, reduction="none")
     zeros = logits.new_zeros(tokens.shape[0])
