@@ -270,17 +270,18 @@ def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         lock = RunLock(run_dir).acquire()
     except RunLockedError as err:
         raise EvaluationError(str(err)) from None
-    print(f"vae-eval: {apply_threads(threads)}", file=sys.stderr)
+    threads_note = apply_threads(threads)
     try:
-        return run_dir, evaluate_checkpoint(ckpt, run_dir, run_cfg, settings)
+        return run_dir, evaluate_checkpoint(ckpt, run_dir, run_cfg, settings, threads_note)
     finally:
         lock.release()
 
 
 def evaluate_checkpoint(
-    ckpt: Path, run_dir: Path, run_cfg: DictConfig, settings: DictConfig
+    ckpt: Path, run_dir: Path, run_cfg: DictConfig, settings: DictConfig, threads_note: str = ""
 ) -> dict[str, Any]:
-    """The test/* numbers of ``ckpt``, written into ``run_dir`` at the checkpoint's step."""
+    """The test/* numbers of ``ckpt``, written into ``run_dir`` at the checkpoint's step.
+    ``threads_note`` (the thread choice) is printed once the checkpoint is known to be good."""
     from vae.eval.suite import evaluate_split, evaluation_inputs
     from vae.training.checkpoints import CheckpointError, read_checkpoint
 
@@ -293,6 +294,8 @@ def evaluate_checkpoint(
     model, datamodule = build_model_and_data(run_cfg, checkpoint, ckpt, settings.data_root)
     del checkpoint
     model.to(device)
+    if threads_note:
+        print(f"vae-eval: {threads_note}", file=sys.stderr)
 
     limit = settings.limit
     images = evaluation_inputs(datamodule)[:limit]
