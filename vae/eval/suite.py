@@ -282,7 +282,8 @@ def evaluate_split(
 
     Dispatches on what the model provides: a language model (``modality = "text"``, ``images``
     then token ids, see :func:`evaluation_inputs`), a VQ-VAE prior (``.vqvae`` and ``.prior``), a VQ-VAE
-    (``encode_indices``), or a Gaussian VAE (``encode``, ``decode``, ``reconstruction_nll``).
+    (``encode_indices``), or a Gaussian VAE (``encode``, ``decode``, ``reconstruction_nll``; a sentence VAE, ``modality = "text"``, also
+    gets ``test/perplexity`` = exp(sum NLL_iw / sum predicted tokens), per token).
     ``progress(label, total)`` may return a callback that is told the examples done so far.
     The model should be in eval mode; ``seed`` keys the importance samples and, for a density
     on dequantized pixels, the dequantization noise.
@@ -294,7 +295,7 @@ def evaluate_split(
         return progress(label, total) if progress is not None else None
 
     torch.manual_seed(seed)
-    if getattr(model, "modality", "image") == "text":
+    if getattr(model, "modality", "image") == "text" and not hasattr(model, "encode"):
         return text_lm_metrics(model, batches, report("nll"))
     if hasattr(model, "prior") and hasattr(model, "vqvae"):
         return vqvae_prior_metrics(model, batches, report("prior"))
@@ -302,9 +303,14 @@ def evaluate_split(
         return vqvae_metrics(model, batches, report("codes"))
     if all(hasattr(model, m) for m in ("encode", "decode", "reconstruction_nll")):
         generator = torch.Generator(device=device).manual_seed(seed)
-        return gaussian_vae_metrics(
+        metrics = gaussian_vae_metrics(
             model, batches, k, chunk_size, generator, report(f"nll_iw k={k}")
         )
+        if getattr(model, "modality", "image") == "text":  # a sentence VAE: ids padded with 0
+            predicted = float(((images != 0).sum(dim=1) - 1).sum())
+            total_nll = metrics[tags.TEST_NLL_IW] * metrics[tags.TEST_NUM_EXAMPLES]
+            metrics[tags.TEST_PERPLEXITY] = math.exp(total_nll / predicted)
+        return metrics
     raise ValueError(f"no test metrics are defined for a {type(model).__name__}.")
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from vae.losses import KLDivergence
 
-PAD_ID, BOS_ID, EOS_ID = 0, 2, 3  # as in vae.data.fortunes
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # as in vae.data.fortunes
 
 
 class GRULanguageModel(nn.Module):
@@ -90,12 +90,14 @@ class GRULanguageModel(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        **condition: torch.Tensor,
     ) -> torch.Tensor:
         """Token ids (num_samples, <= max_tokens + 1) drawn from ``<bos>``, ending in ``<eos>``
         or cut at ``max_tokens`` words; positions after a row's ``<eos>`` are ``<pad>``.
 
         Each step draws from softmax(logits / temperature) restricted to the ``top_k`` most
-        likely tokens (None: all); ``<pad>`` and ``<bos>`` are never drawn.
+        likely tokens (None: all; 1: greedy decoding); ``<pad>`` and ``<bos>`` are never drawn.
+        ``condition`` goes to every call of ``self`` (a latent decoder's ``z``).
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")
@@ -104,7 +106,7 @@ class GRULanguageModel(nn.Module):
         state, rows = None, []
         done = torch.zeros(num_samples, dtype=torch.bool, device=device)
         for _ in range(max_tokens + 1):
-            logits, state = self(token, state)
+            logits, state = self(token, state, **condition)
             logits = logits[:, -1] / temperature
             logits[:, [PAD_ID, BOS_ID]] = -torch.inf
             if top_k is not None and top_k < logits.shape[-1]:
@@ -165,3 +167,102 @@ def next_token_terms(
         "nll": zeros.index_add(0, rows, nll),
         "tokens": (lengths - 1).to(logits.dtype),
     }
+
+
+def word_dropout(
+    tokens: torch.Tensor, probability: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``tokens`` (B, T) with each word (not ``<bos>``, ``<eos>`` or ``<pad>``) replaced by
+    ``<unk>`` with ``probability`` (Bowman et al. 2016): the decoder's inputs, so that it must
+    take what it drops from the latent. The targets stay the original tokens."""
+    if probability <= 0:
+        return tokens
+    draws = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    words = (tokens != PAD_ID) & (tokens != BOS_ID) & (tokens != EOS_ID)
+    return tokens.masked_fill(words & (draws < probability), UNK_ID)
+
+
+class GRUSentenceEncoder(nn.Module):
+    """q(z | sentence) = N(mu, diag exp(logvar)) from the GRU state after a sentence's last
+    token (its ``<eos>``): Embedding -> GRU -> Linear(hidden_dim, 2 latent_dim). The GRU is
+    causal and the state is read at position ``lengths - 1``, so padding changes nothing."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        latent_dim: int,
+        embed_dim: int = 128,
+        hidden_dim: int = 256,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
+        self.dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(
+            embed_dim,
+            hidden_dim,
+            num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.head = nn.Linear(hidden_dim, 2 * latent_dim)
+
+    def forward(
+        self, tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar), each (B, latent_dim), of ``tokens`` (B, T) with ``lengths`` (B,)."""
+        hidden, _ = self.gru(self.dropout(self.embedding(tokens)))
+        last = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
+        return self.head(self.dropout(last)).chunk(2, dim=-1)
+
+
+class LatentGRUDecoder(GRULanguageModel):
+    """p(w_t | w_<t, z): the language model with z as its initial state (tanh(Linear(z)), one
+    per layer) and concatenated to every input embedding, so z reaches each step directly."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        latent_dim: int,
+        embed_dim: int = 128,
+        hidden_dim: int = 256,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(vocab_size, embed_dim, hidden_dim, num_layers, dropout)
+        self.gru = nn.GRU(
+            embed_dim + latent_dim,
+            hidden_dim,
+            num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.latent_to_state = nn.Linear(latent_dim, num_layers * hidden_dim)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        state: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) given ``z`` (B, latent_dim), and the GRU state."""
+        features, state = self.features(tokens, state, z)
+        return self.output(features), state
+
+    def features(
+        self,
+        tokens: torch.Tensor,
+        state: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if z is None:
+            raise ValueError("LatentGRUDecoder needs z, the latent of each sentence")
+        if state is None:
+            layers, hidden = self.gru.num_layers, self.gru.hidden_size
+            state = torch.tanh(self.latent_to_state(z)).view(-1, layers, hidden)
+            state = state.transpose(0, 1).contiguous()
+        inputs = self.dropout(self.embedding(tokens))
+        inputs = torch.cat([inputs, z[:, None].expand(-1, tokens.shape[1], -1)], dim=-1)
+        hidden, state = self.gru(inputs, state)
+        return self.dropout(hidden), state

@@ -35,6 +35,7 @@ VAL_KL_PER_DIM_CHART = "val/kl_per_dim_chart"  # image: one bar per latent dimen
 # Images
 VAL_RECONSTRUCTIONS = "val/reconstructions"
 VAL_SAMPLES = "val/samples"
+VAL_INTERPOLATION = "val/interpolation"  # text: decodings between two sentences' latents
 
 # Run-level numbers that are not TensorBoard series
 TRAIN_SAMPLES_PER_S = "train_samples_per_s"
@@ -114,6 +115,15 @@ VQVAE_PRIOR_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_BITS_PER_D
 TEXT_LM_TRAIN_SCALARS = (TRAIN_LOSS,)
 TEXT_LM_VAL_SCALARS = (VAL_LOSS, VAL_ELBO, VAL_PERPLEXITY)
 TEXT_LM_TEXTS = (VAL_SAMPLES,)
+
+# Sentence VAE (vae.models.TextVAE, model=text_vae). Nats per sentence, pads excluded; the VAE
+# scalars (train/beta, val/recon, val/kl, val/elbo, val/active_units, val/kl_per_dim) as above:
+#   val/perplexity     exp(sum -ELBO / sum predicted tokens) per token: an upper bound (a bound)
+#   val/samples, val/reconstructions, val/interpolation   text: greedy decodings of prior
+#                      draws, of validation sentences' mu, and along mu_1 + t (mu_2 - mu_1)
+TEXT_VAE_TRAIN_SCALARS = VAE_TRAIN_SCALARS
+TEXT_VAE_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_ACTIVE_UNITS, VAL_PERPLEXITY)
+TEXT_VAE_TEXTS = (VAL_SAMPLES, VAL_RECONSTRUCTIONS, VAL_INTERPOLATION)
 
 # Test split. One owner: vae.eval.suite.evaluate_split, called by `vae-eval` and by
 # `vae-train test=true` (same eval.* settings, same numbers), into the run's TensorBoard and
