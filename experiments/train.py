@@ -68,8 +68,8 @@ def build_model(model_cfg: DictConfig, datamodule):
     if model_kind != data_kind:
         raise ConfigError(
             f"model ({model_cfg._target_}) needs {model_kind} data, but data={datamodule.name} "
-            f"is {data_kind} data: use model=text_lm with data=fortunes, or an image model "
-            "(e.g. model=vae) with an image dataset (e.g. data=digits)."
+            f"is {data_kind} data: use model=text_lm or text_vae with data=fortunes, or an image "
+            "model (e.g. model=vae) with an image dataset (e.g. data=digits)."
         )
     data_args = (
         {"vocabulary": datamodule.vocabulary.tokens}

@@ -186,3 +186,17 @@ def test_posterior_collapse_and_free_bits():
     kl, recon = train_kl_and_recon(free_bits=0.5)
     assert kl > 0.9 * 0.5 * 4
     assert recon < collapsed_recon - 0.5
+
+
+def test_bad_text_vae_settings_are_named_before_anything_is_built():
+    from tests.test_config import composed
+    from vae.training.config import ConfigError, validate_config
+
+    cfg = composed(
+        "model=text_vae", "data=fortunes", "model.word_dropout=1.5", "model.latent_dim=0"
+    )
+    with pytest.raises(ConfigError) as error:
+        validate_config(cfg)
+    assert "model.word_dropout=1.5" in str(error.value)
+    assert "model.latent_dim=0" in str(error.value)
+    validate_config(composed("model=text_vae", "data=fortunes", "model.word_dropout=1.0"))

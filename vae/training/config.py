@@ -238,7 +238,7 @@ VQ_RULES: tuple[Rule, ...] = (
 )
 RULES = RULES + VQ_RULES
 
-# --- text (data=fortunes, model=text_lm) -------------------------------------------------------
+# --- text (data=fortunes, model=text_lm or text_vae) -------------------------------------------
 TEXT_RULES: tuple[Rule, ...] = (
     Rule("data.max_tokens", positive_int, "a positive integer (words per text, longer dropped)"),
     Rule("data.min_count", positive_int, "a positive integer (rarer words become <unk>)"),
@@ -251,6 +251,11 @@ TEXT_RULES: tuple[Rule, ...] = (
     Rule("model.top_k", optional(positive_int), "null (all tokens) or a positive integer"),
     Rule("model.num_samples", positive_int, "a positive integer"),
     Rule("model.max_sample_tokens", positive_int, "a positive integer"),
+    Rule(
+        "model.word_dropout",
+        lambda v: _is_number(v) and 0 <= v <= 1,
+        "a number in [0, 1] (probability that a decoder input word becomes <unk>)",
+    ),
 )
 RULES = RULES + TEXT_RULES
 
