@@ -10,7 +10,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_losses.py", "bench_quantizer.py", "bench_iw_nll.py", "bench_train_throughput.py"]
+SCRIPTS = [
+    "bench_losses.py",
+    "bench_quantizer.py",
+    "bench_iw_nll.py",
+    "bench_train_throughput.py",
+    "bench_threads.py",
+]
 
 
 def main() -> None:

@@ -3,9 +3,9 @@
 torch's default is one thread per core the process may run on: right for one run on an idle
 machine, and badly wrong otherwise. The threads of an op wait for each other at its end, so
 when another process holds one of the cores, every op waits for the thread that lost its core.
-On this project's 2-core VM, one epoch of ``vae_fashion`` beside one busy process ran several
-times slower with 2 threads than with 1 (``benchmarks/bench_threads.py``; the README's
-benchmark table).
+On this project's 2-core VM, one epoch of ``vae_fashion`` beside one busy process ran 2.6x
+slower with 2 threads than with 1, and a 2-job sweep with 2 threads per job 3.3x slower
+(``benchmarks/bench_threads.py``; the README's benchmark table).
 
 The top-level config key ``threads`` decides:
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 STAT_FILE = "/proc/stat"
 SAMPLE_SECONDS = 0.2
@@ -63,7 +64,9 @@ def choose_threads(
     if user is not None:
         return ThreadChoice(user, f"OMP_NUM_THREADS={omp_num_threads} from the environment")
     share = cores // max(jobs, 1)
-    idle = cores - round(busy)  # round half to even: 0.5 of a busy core leaves both cores
+    # A core busy about half the time counts as busy from 0.5 up (round half to even leaves
+    # exactly 0.5 idle): beside one, 1 and 2 threads ran within 4% (the benchmark's half_busy).
+    idle = cores - round(busy)
     threads = max(1, min(share, idle))
     shared = f" shared by {jobs} parallel processes" if jobs > 1 else ""
     return ThreadChoice(
@@ -113,10 +116,10 @@ def busy_cores(seconds: float = SAMPLE_SECONDS) -> float:
     own CPU time. 0.0 where ``/proc/stat`` cannot be read (not Linux)."""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     try:
-        before = cpu_jiffies(open(STAT_FILE).read(), cpus)
+        before = cpu_jiffies(Path(STAT_FILE).read_text(), cpus)
         own_before, wall_before = time.process_time(), time.perf_counter()
         time.sleep(seconds)
-        after = cpu_jiffies(open(STAT_FILE).read(), cpus)
+        after = cpu_jiffies(Path(STAT_FILE).read_text(), cpus)
         own = (time.process_time() - own_before) / (time.perf_counter() - wall_before)
     except (OSError, ValueError):
         return 0.0
