@@ -42,6 +42,11 @@ def test_preset_runs_with_fast_dev_run(preset: Path, tmp_path: Path):
     if folder is not None:
         write_dataset(tmp_path / "data" / folder / "raw", fake_arrays(0), compress=True)
         overrides += [f"data.root={tmp_path / 'data'}", "data.val_size=4", "data.search_paths=[]"]
+    elif cfg.data._target_ == "vae.data.FortunesDataModule":
+        from tests.test_data_text import write_corpus
+
+        write_corpus(tmp_path / "corpus")
+        overrides += [f"data.root={tmp_path / 'corpus'}", "data.min_count=1"]
     elif cfg.data._target_ != "vae.data.DigitsDataModule":
         pytest.skip(f"no offline fixture for {cfg.data._target_}")
     proc = run_cli("vae-train", *overrides, cwd=tmp_path)
@@ -51,3 +56,29 @@ def test_preset_runs_with_fast_dev_run(preset: Path, tmp_path: Path):
     assert run_dir.parent.name == cfg.name
     # One batch is no result: its name and its metrics.json say so.
     assert "debug-fdr" in run_dir.name and metrics["fast_dev_run"] is True
+
+
+def test_each_arm_of_the_text_vae_collapse_sweep_changes_only_its_keys():
+    """The five arms of `vae-train -m experiment=text_vae_collapse` differ from the collapse arm
+    (constant beta, no word dropout, no free bits) in their own key only."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        sweep = compose(
+            "config", overrides=["experiment=text_vae_collapse"], return_hydra_config=True
+        )
+        arms = sweep.hydra.sweeper.params["+text_vae_arm"].split(",")
+        models = {
+            arm: compose(
+                "config", overrides=["experiment=text_vae_collapse", f"+text_vae_arm={arm}"]
+            ).model
+            for arm in arms
+        }
+    keys = ("kl_schedule", "free_bits", "word_dropout")
+    setting = {arm: tuple(model[k] for k in keys) for arm, model in models.items()}
+    assert setting == {
+        "no_annealing": ("constant", 0.0, 0.0),
+        "linear_warmup": ("linear", 0.0, 0.0),
+        "cyclical": ("cyclical", 0.0, 0.0),
+        "free_bits": ("constant", 0.25, 0.0),
+        "word_dropout": ("constant", 0.0, 0.5),
+    }
+    assert all(model._target_ == "vae.models.TextVAE" for model in models.values())
