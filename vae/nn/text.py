@@ -24,6 +24,17 @@ from vae.losses import KLDivergence
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # as in vae.data.fortunes
 
 
+def _gru(input_dim: int, hidden_dim: int, num_layers: int, dropout: float) -> nn.GRU:
+    """A batch-first GRU; ``dropout`` between its layers (torch warns on one layer)."""
+    return nn.GRU(
+        input_dim,
+        hidden_dim,
+        num_layers,
+        batch_first=True,
+        dropout=dropout if num_layers > 1 else 0.0,
+    )
+
+
 class GRULanguageModel(nn.Module):
     """p(w_t | w_<t) by a GRU over word embeddings.
 
@@ -33,6 +44,8 @@ class GRULanguageModel(nn.Module):
         hidden_dim: size of the GRU state.
         num_layers: stacked GRU layers.
         dropout: dropout on the embeddings and between GRU layers.
+        context_dim: size of a vector joined to every input embedding (0: none; the
+            ``LatentGRUDecoder`` joins z).
     """
 
     def __init__(
@@ -42,6 +55,7 @@ class GRULanguageModel(nn.Module):
         hidden_dim: int = 256,
         num_layers: int = 1,
         dropout: float = 0.0,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -57,13 +71,7 @@ class GRULanguageModel(nn.Module):
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
         self.dropout = nn.Dropout(dropout)
-        self.gru = nn.GRU(
-            embed_dim,
-            hidden_dim,
-            num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,
-        )
+        self.gru = _gru(embed_dim + context_dim, hidden_dim, num_layers, dropout)
         self.output = nn.Linear(hidden_dim, vocab_size)
 
     def forward(
@@ -199,13 +207,7 @@ class GRUSentenceEncoder(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
         self.dropout = nn.Dropout(dropout)
-        self.gru = nn.GRU(
-            embed_dim,
-            hidden_dim,
-            num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,
-        )
+        self.gru = _gru(embed_dim, hidden_dim, num_layers, dropout)
         self.head = nn.Linear(hidden_dim, 2 * latent_dim)
 
     def forward(
@@ -230,14 +232,7 @@ class LatentGRUDecoder(GRULanguageModel):
         num_layers: int = 1,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(vocab_size, embed_dim, hidden_dim, num_layers, dropout)
-        self.gru = nn.GRU(
-            embed_dim + latent_dim,
-            hidden_dim,
-            num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,
-        )
+        super().__init__(vocab_size, embed_dim, hidden_dim, num_layers, dropout, latent_dim)
         self.latent_to_state = nn.Linear(latent_dim, num_layers * hidden_dim)
 
     def forward(
