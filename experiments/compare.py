@@ -392,10 +392,12 @@ def order_keys(keys: Sequence[str], runs: Sequence[Run]) -> list[str]:
     """``keys`` in the order a reader looks for them: those set on the command line first (the
     key set in most runs first: a sweep's key before a single run's change), then model.*,
     data.*, trainer.* and the rest, each alphabetically."""
+    from vae.training.config import split_override
+
     given: dict[str, int] = {}  # key -> runs that set it, in the order first seen
     for run in runs:
         for override in run.overrides:
-            key = override.lstrip("+~").partition("=")[0]
+            key = split_override(override)[1]
             if key in keys:
                 given[key] = given.get(key, 0) + 1
 

@@ -299,16 +299,24 @@ REMOVED_KEYS = {
 }
 
 
+def split_override(override: str) -> tuple[str, str, str]:
+    """A Hydra command-line override as (prefix, key, value): ``+model.x=1`` ->
+    ``("+", "model.x", "1")``; prefixes are ``+``, ``++`` and ``~``."""
+    prefix = override[: len(override) - len(override.lstrip("+~"))]
+    key, _, value = override[len(prefix) :].partition("=")
+    return prefix, key, value
+
+
 def rewrite_moved_keys(overrides: list[str]) -> list[str]:
     """Command-line overrides with each moved key spelled the new way (``model.warmup_steps=500``
     -> ``model.regulariser.warmup_steps=500``), also in sweeps (``-m``) and with ``+``/``~``
     prefixes. A removed key raises ``ConfigError`` saying what to do instead."""
     rewritten = []
     for override in overrides:
-        prefix = override[: len(override) - len(override.lstrip("+~"))]
-        key, sep, value = override[len(prefix) :].partition("=")
+        prefix, key, value = split_override(override)
         if key in REMOVED_KEYS:
             raise ConfigError(f"{key} no longer exists: {REMOVED_KEYS[key]}")
+        sep = "=" if "=" in override else ""
         rewritten.append(f"{prefix}{MOVED_KEYS.get(key, key)}{sep}{value}")
     return rewritten
 

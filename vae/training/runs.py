@@ -137,7 +137,9 @@ ATTEMPT_KEYS = ("ckpt_path", "rollback")
 
 
 def _override_key(override: str) -> str:
-    return override.lstrip("+~").partition("=")[0]
+    from vae.training.config import split_override
+
+    return split_override(override)[1]
 
 
 def with_recorded_overrides(overrides: list[str]) -> list[str]:

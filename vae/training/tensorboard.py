@@ -164,11 +164,13 @@ def task_overrides() -> list[str]:
     progress bar, ...). ``[]`` outside a Hydra job."""
     from hydra.core.hydra_config import HydraConfig
 
+    from vae.training.config import split_override
+
     if not HydraConfig.initialized():
         return []
     hydra = HydraConfig.get()
     excluded = set(hydra.job.config.override_dirname.exclude_keys)
-    return [o for o in hydra.overrides.task if o.lstrip("+~").partition("=")[0] not in excluded]
+    return [o for o in hydra.overrides.task if split_override(o)[1] not in excluded]
 
 
 def trial_name(overrides: Sequence[str], run_dir: str | os.PathLike, default: str) -> str:
