@@ -68,9 +68,8 @@ DEFAULT_CURVES = ("train/loss", "val/elbo", "val/kl", "val/recon")
 # its model and data classes.
 DEFAULT_GROUP_BY = ("name",)
 FALLBACK_GROUP_KEYS = ("model._target_", "data._target_")
-# Config keys that differ between runs without saying anything about the experiment: the same
-# ones vae-train leaves out of the HParams record (where files go, logging, callbacks).
-IGNORED_PREFIXES = ("paths.", "hydra.", "callbacks.", "logger.", "eval.")
+# Config keys that differ between runs without saying anything about the experiment: the groups
+# vae-train leaves out of the HParams record (vae.training.tensorboard.HPARAMS_IGNORED), and these.
 IGNORED_KEYS = frozenset({"trainer.default_root_dir", "ckpt_path"})
 # The printed table shows at most this many differing keys (runs.csv has them all), and cuts any
 # cell longer than TEXT_CELL_WIDTH characters in the middle. After the keys set on the command
@@ -86,10 +85,8 @@ MISSING = "-"
 # Interpolations in a saved config. ${choice:GROUP} is vae-train's run name, answered from the
 # run's own .hydra/hydra.yaml. Any other resolver call (${now:...}, ${hydra:...}, ${run_id:}) gave
 # its value when the run started and would give another one now: its text is kept as written.
-# ALIAS: a value that is nothing but a reference to another key (model.encoder.arch: ${model.arch}).
 CHOICE = re.compile(r"\$\{choice:([\w/]+)\}")
 RESOLVER_CALL = re.compile(r"\$\{\s*[\w.\-]+\s*:")
-ALIAS = re.compile(r"\$\{\s*[\w.]+\s*\}")
 # vae-train's run folders: <date>_<time>_<id>[_<overrides>], multirun_<date>_<time>_<id>, and the
 # jobs of a multirun <number>[_<overrides>]; a table names a run by the <id> and job number only.
 RUN_FOLDER = re.compile(
@@ -219,7 +216,7 @@ def resolved_config(
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from vae.training.tensorboard import flatten_config
+    from vae.training.tensorboard import flatten_config, is_copy
 
     def literal(text: str) -> str:
         text = CHOICE.sub(lambda m: str(choices.get(m.group(1), m.group(0))), text)
@@ -230,7 +227,7 @@ def resolved_config(
     resolved, aliases = {}, set()
     for key, value in flatten_config(container).items():
         if isinstance(value, str) and "${" in value:
-            if ALIAS.fullmatch(value):
+            if is_copy(value):
                 aliases.add(key)
             try:
                 node = OmegaConf.select(config, key, throw_on_resolution_failure=True)
@@ -381,9 +378,12 @@ def differing_keys(runs: Sequence[Run]) -> list[str]:
     runs are logged, and aliases (a key that is ``${another.key}`` in every run that has it:
     that other key is the one to show).
     """
+    from vae.training.tensorboard import HPARAMS_IGNORED
+
     runs = [run for run in runs if run.config]
     keys = sorted({k for run in runs for k in run.config})
-    keys = [k for k in keys if not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS]
+    ignored = tuple(f"{group}." for group in HPARAMS_IGNORED)
+    keys = [k for k in keys if not k.startswith(ignored) and k not in IGNORED_KEYS]
     keys = [k for k in keys if not all(k in run.aliases for run in runs if k in run.config)]
     return [k for k in keys if len({repr(run.config.get(k, MISSING)) for run in runs}) > 1]
 

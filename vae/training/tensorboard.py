@@ -130,7 +130,13 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 # Not hyper-parameters: where the run writes, how it is watched and evaluated, Hydra itself.
 HPARAMS_IGNORED = ("callbacks", "logger", "paths", "eval", "hydra")
-_REFERENCE = re.compile(r"^\$\{[\w.]+\}$")  # `${model.beta}`: a plain copy of another key
+_REFERENCE = re.compile(r"\$\{\s*[\w.]+\s*\}")
+
+
+def is_copy(value: Any) -> bool:
+    """Whether a saved config value is nothing but a reference to another key
+    (``model.regulariser.beta: ${model.beta}``): a copy, whose source is the key to show."""
+    return isinstance(value, str) and _REFERENCE.fullmatch(value) is not None
 
 
 def config_hparams(config: Any) -> dict[str, Any]:
@@ -152,8 +158,7 @@ def config_hparams(config: Any) -> dict[str, Any]:
     return {
         key: value
         for key, value in resolved.items()
-        if not key.endswith("._partial_")
-        and not (isinstance(raw.get(key), str) and _REFERENCE.match(raw[key]))
+        if not key.endswith("._partial_") and not is_copy(raw.get(key))
     }
 
 
