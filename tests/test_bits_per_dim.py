@@ -100,16 +100,26 @@ def test_a_sharp_density_cannot_report_negative_bits(digits):
     bits = model.bits_per_dim(density_nats)
     assert bits > 0
     # Without dequantization the same mean at x itself would have had a huge density:
-    undequantized = torch.nn.functional.gaussian_nll_loss(
-        digits, digits, torch.full_like(digits, 1e-4), full=True, reduction="sum"
-    ) / digits.shape[0]
+    undequantized = (
+        torch.nn.functional.gaussian_nll_loss(
+            digits, digits, torch.full_like(digits, 1e-4), full=True, reduction="sum"
+        )
+        / digits.shape[0]
+    )
     assert float(undequantized) / (DIGITS_PIXELS * math.log(2)) < 0
 
 
 def test_vqvae_density_bits_per_dim_carry_the_offset():
     torch.manual_seed(0)
-    model = VQVAE((1, 28, 28), hidden_dims=(8, 8), code_dim=4, num_codes=8, num_res_blocks=0,
-                  likelihood="gaussian", data_levels=256)
+    model = VQVAE(
+        (1, 28, 28),
+        hidden_dims=(8, 8),
+        code_dim=4,
+        num_codes=8,
+        num_res_blocks=0,
+        likelihood="gaussian",
+        data_levels=256,
+    )
     x = torch.randint(0, 256, (4, 1, 28, 28)).float() / 255
     terms = _terms(model, x)
     expected = -float(terms["elbo"]) / (784 * math.log(2)) + 8.0

@@ -54,6 +54,9 @@ CONVENTIONS = {
     "entropy": (None, True),
     "MonteCarloKL": (None, False),  # the result type of mc_kl
     "KLDivergence": ("loss", False),  # a training objective: nats
+    "kl_decomposition": (None, True),
+    "KLDecomposition": (None, False),  # the result type of kl_decomposition
+    "minibatch_log_densities": (None, False),  # log-densities, nats (a loss's building block)
     "bernoulli_nll": ("loss", True),
     "gaussian_nll": ("loss", True),
     "laplace_nll": ("loss", True),
@@ -244,6 +247,8 @@ def test_spreads_have_one_name_per_parameterisation_across_the_api():
         ("gaussian_kl", "logvar"),
         ("gaussian_kl", "prior_logvar"),
         ("gaussian_nll", "logvar"),
+        ("kl_decomposition", "logvar"),
+        ("minibatch_log_densities", "logvar"),
     }
 
 
@@ -286,6 +291,14 @@ UNIT_CALLS = {
     "bernoulli_nll": lambda unit: bernoulli_nll(_M, _X, unit=unit),
     "gaussian_nll": lambda unit: gaussian_nll(_M, _X, logvar=-1.0, unit=unit),
     "laplace_nll": lambda unit: laplace_nll(_M, _X, log_scale=-1.0, unit=unit),
+    "kl_decomposition": lambda unit: torch.stack(
+        [
+            torch.as_tensor(v).flatten()[0]
+            for v in losses.kl_decomposition(
+                _M, _X, generator=torch.Generator().manual_seed(0), unit=unit
+            )
+        ]
+    ),
     "uniform_prior_rate": lambda unit: torch.tensor(
         uniform_prior_rate(7, 512, unit=unit), dtype=torch.float64
     ),

@@ -45,8 +45,6 @@ def test_train_with_test_and_eval_write_the_same_test_numbers(tmp_path: Path, mo
     kept = {k: v for k, v in read_metrics(run_dir).items() if not k.startswith("test/")}
     (run_dir / METRICS_FILE).write_text(json.dumps(kept))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    run_cli(
-        "vae-eval", f"ckpt_path='{ckpt}'", *EVAL, "eval.sample_scores=false", cwd=tmp_path
-    )
+    run_cli("vae-eval", f"ckpt_path='{ckpt}'", *EVAL, "eval.sample_scores=false", cwd=tmp_path)
     from_eval = {k: v for k, v in read_metrics(run_dir).items() if k.startswith("test/")}
     assert from_eval == from_train

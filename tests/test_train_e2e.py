@@ -109,6 +109,12 @@ def test_metrics_json_matches_tensorboard(digits_run: Path):
     )
     assert metrics[tags.TRAIN_SAMPLES_PER_S] > 0
     assert 0 <= metrics[tags.VAL_ACTIVE_UNITS] <= 8
+    # Where the KL goes: the three terms of the whole split add up to val/kl; I(x; z) <= log N.
+    parts = [metrics[tag] for tag in (tags.VAL_MUTUAL_INFO, tags.VAL_TOTAL_CORRELATION)]
+    parts.append(metrics[tags.VAL_DIMWISE_KL])
+    assert sum(parts) == pytest.approx(metrics[tags.VAL_KL], rel=1e-4)
+    num_val = 180  # digits: data.val_size
+    assert 0 <= metrics[tags.VAL_MUTUAL_INFO] <= math.log(num_val) + 1e-6
 
 
 def test_same_seed_same_metrics(tmp_path: Path):

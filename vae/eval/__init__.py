@@ -9,7 +9,13 @@ from vae.eval.active_units import (
     active_units,
     count_active_units,
 )
-from vae.eval.epoch_statistics import ActiveUnits, CodeUsage, CodeUsageResult, KLPerDimension
+from vae.eval.epoch_statistics import (
+    ActiveUnits,
+    CodeUsage,
+    CodeUsageResult,
+    KLDecompositionMetric,
+    KLPerDimension,
+)
 from vae.eval.nll import (
     ImportanceWeightedBounds,
     diagonal_gaussian_log_density,
@@ -35,6 +41,7 @@ __all__ = [
     "ActiveUnits",
     "CodeUsage",
     "CodeUsageResult",
+    "KLDecompositionMetric",
     "KLPerDimension",
     "ACTIVE_UNIT_THRESHOLD",
     "ClassifierSettings",

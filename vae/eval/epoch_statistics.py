@@ -1,5 +1,6 @@
 """Statistics of a whole epoch (or split) as ``torchmetrics`` metrics: active units, KL per
-latent dimension, code usage.
+latent dimension, code usage, and the decomposition of the KL (:class:`KLDecompositionMetric`,
+which keeps the posteriors themselves rather than sums, since q(z) needs all of them).
 
 Each is a sum over examples, so each metric keeps running sums registered with
 ``add_state(..., dist_reduce_fx="sum")``: under DDP, ``compute()`` all-gathers and adds them
@@ -32,8 +33,15 @@ from torchmetrics import Metric
 
 from vae.eval.active_units import ACTIVE_UNIT_THRESHOLD, count_active_units
 from vae.losses import codebook_usage, perplexity
+from vae.losses.decomposition import KLDecomposition, kl_decomposition
 
-__all__ = ["ActiveUnits", "CodeUsage", "CodeUsageResult", "KLPerDimension"]
+__all__ = [
+    "ActiveUnits",
+    "CodeUsage",
+    "CodeUsageResult",
+    "KLDecompositionMetric",
+    "KLPerDimension",
+]
 
 
 def _check_size(name: str, value: int) -> int:
@@ -244,3 +252,54 @@ class CodeUsage(_SumMetric):
             )
         counts = self.counts.clone()
         return CodeUsageResult(counts, perplexity(counts), codebook_usage(counts))
+
+
+class KLDecompositionMetric(Metric):
+    """Mutual information, total correlation and dimension-wise KL of a whole epoch's posteriors
+    (``vae.losses.decomposition``), with q(z) the aggregate posterior of every example seen
+    since the last ``reset()`` on every process (``dist_reduce_fx="cat"``: all-gathered).
+
+    ``update(mu, logvar)``: a batch's posterior parameters, (B, latent_dim) each.
+    ``compute()``: a :class:`~vae.losses.decomposition.KLDecomposition` (float64, nats).
+    The draws come from a generator seeded with ``seed``, so that every process computes the
+    same numbers and an epoch's estimate does not depend on the training RNG (nor moves it).
+
+    Args:
+        latent_dim: D.
+        num_points: draws averaged over (a seeded random subset of the examples); q(z) always
+            mixes all of them. The cost is num_points x N x D: 1,000 draws against 5,000
+            validation examples take ~0.3 s on 2 CPU cores. None: every example.
+        seed: of the subset and the draws.
+        kwargs: torchmetrics' ``Metric`` options.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(
+        self, latent_dim: int, num_points: int | None = 1000, seed: int = 0, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.latent_dim = _check_size("latent_dim", latent_dim)
+        self.num_points = None if num_points is None else _check_size("num_points", num_points)
+        self.seed = int(seed)
+        self.add_state("mu", default=[], dist_reduce_fx="cat", persistent=False)
+        self.add_state("logvar", default=[], dist_reduce_fx="cat", persistent=False)
+
+    def update(self, mu: Tensor, logvar: Tensor) -> None:
+        """Add a batch of posteriors q(z|x) = N(mu, diag exp(logvar)), (B, latent_dim) each."""
+        self.mu.append(_check_rows("mu", mu, self.latent_dim).float())
+        self.logvar.append(_check_rows("logvar", logvar, self.latent_dim).float())
+
+    def compute(self) -> KLDecomposition:
+        mu, logvar = self.mu, self.logvar
+        mu = torch.cat(mu) if isinstance(mu, list) and mu else mu
+        logvar = torch.cat(logvar) if isinstance(logvar, list) and logvar else logvar
+        if isinstance(mu, list) or mu.shape[0] < 2:
+            raise ValueError(
+                "KLDecompositionMetric needs the posteriors of at least 2 examples over all "
+                "processes; call update(mu, logvar) first."
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        return kl_decomposition(mu, logvar, num_points=self.num_points, generator=generator)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vae.eval.epoch_statistics import ActiveUnits
+from vae.eval.epoch_statistics import ActiveUnits, KLDecompositionMetric
 from vae.eval.nll import importance_weighted_bounds
 from vae.eval.sample_scores import (
     classifier_score,
@@ -89,23 +89,31 @@ def gaussian_vae_metrics(
     * ``test/bits_per_dim``: ``test/nll_iw`` / (pixels * ln 2), plus log2 L for a density on
       dequantized pixels; absent where no comparable figure exists (``_bits_per_dim``);
     * ``test/active_units``: dimensions with Var_x(E_q[z_d]) > 0.01;
+    * ``test/mutual_info``, ``test/total_correlation``, ``test/dimwise_kl``: the KL
+      decomposition (``vae.losses.decomposition``) with q(z) the whole split's aggregate
+      posterior, one seeded draw per example (10,000 at most); they add up to ``test/kl``;
     * ``test/num_examples`` and ``test/importance_samples`` (k), to state the protocol.
     """
     means = _Means()
-    posterior_means = None  # ActiveUnits, once the latent size is known
+    posterior_means = decomposition = None  # once the latent size is known
     for x in batches:
         bounds = importance_weighted_bounds(model, x, k, chunk_size, generator)
         means.count += x.shape[0]
         means.add(nll_iw=bounds.nll_iw, recon=bounds.recon, kl_per_dim=bounds.kl_per_dim)
-        mu = model.encode(x)[0]
+        mu, logvar = model.encode(x)
         if posterior_means is None:  # this process's split only: no sync across processes
             posterior_means = ActiveUnits(mu.shape[1], sync_on_compute=False).to(mu.device)
+            decomposition = KLDecompositionMetric(
+                mu.shape[1], num_points=10_000, sync_on_compute=False
+            ).to(mu.device)
         posterior_means.update(mu)
+        decomposition.update(mu, logvar)
         if progress is not None:
             progress(means.count)
     if means.count == 0:
         raise ValueError("batches is empty: there is nothing to evaluate.")
     kl_per_dim = means.mean("kl_per_dim")
+    where_kl_goes = decomposition.compute() if means.count >= 2 else None
     recon, kl, nll_iw = (
         float(means.mean("recon")),
         float(kl_per_dim.sum()),
@@ -119,6 +127,14 @@ def gaussian_vae_metrics(
         tags.TEST_KL_PER_DIM: kl_per_dim.tolist(),
         **_bits_per_dim(model, nll_iw),
         tags.TEST_ACTIVE_UNITS: int(posterior_means.compute()),
+        **(
+            {
+                tags.tag("test", name): float(getattr(where_kl_goes, name))
+                for name in tags.KL_DECOMPOSITION
+            }
+            if where_kl_goes is not None
+            else {}
+        ),
         tags.TEST_NUM_EXAMPLES: means.count,
         tags.TEST_IMPORTANCE_SAMPLES: k,
     }
@@ -254,6 +270,7 @@ def text_lm_metrics(
         tags.TEST_NLL_IW: total_nll / done,
         tags.TEST_ELBO: -total_nll / done,
         tags.TEST_PERPLEXITY: math.exp(total_nll / total_tokens),
+        tags.TEST_NLL_PER_TOKEN: total_nll / total_tokens,
         tags.TEST_NUM_EXAMPLES: done,
     }
 
@@ -283,7 +300,8 @@ def evaluate_split(
     Dispatches on what the model provides: a language model (``modality = "text"``, ``images``
     then token ids, see :func:`evaluation_inputs`), a VQ-VAE prior (``.vqvae`` and ``.prior``), a VQ-VAE
     (``encode_indices``), or a Gaussian VAE (``encode``, ``decode``, ``reconstruction_nll``; a sentence VAE, ``modality = "text"``, also
-    gets ``test/perplexity`` = exp(sum NLL_iw / sum predicted tokens), per token).
+    gets ``test/nll_per_token`` = sum NLL_iw / sum predicted tokens and ``test/perplexity`` =
+    its exp, per token).
     ``progress(label, total)`` may return a callback that is told the examples done so far.
     The model should be in eval mode; ``seed`` keys the importance samples and, for a density
     on dequantized pixels, the dequantization noise.
@@ -309,6 +327,7 @@ def evaluate_split(
         if getattr(model, "modality", "image") == "text":  # a sentence VAE: ids padded with 0
             predicted = float(((images != 0).sum(dim=1) - 1).sum())
             total_nll = metrics[tags.TEST_NLL_IW] * metrics[tags.TEST_NUM_EXAMPLES]
+            metrics[tags.TEST_NLL_PER_TOKEN] = total_nll / predicted
             metrics[tags.TEST_PERPLEXITY] = math.exp(total_nll / predicted)
         return metrics
     raise ValueError(f"no test metrics are defined for a {type(model).__name__}.")

@@ -61,6 +61,11 @@ hot paths pass ``validate=False`` or use :func:`set_validation` / :func:`validat
 This package imports no Lightning and no Hydra.
 """
 
+from vae.losses.decomposition import (
+    KLDecomposition,
+    kl_decomposition,
+    minibatch_log_densities,
+)
 from vae.losses.elbo import (
     REGULARISER_KINDS,
     BetaKL,
@@ -122,6 +127,10 @@ __all__ = [
     "mc_kl",
     "MonteCarloKL",
     "KLDivergence",
+    # kl_decomposition: where the KL goes (MI, total correlation, dimension-wise KL)
+    "kl_decomposition",
+    "KLDecomposition",
+    "minibatch_log_densities",
     # likelihoods
     "bernoulli_nll",
     "gaussian_nll",

@@ -128,6 +128,13 @@ class LatentVariableModule(pl.LightningModule):
         """A scalar computed once per validation epoch (e.g. active units), already synced."""
         self.log(tags.tag("val", name), float(value), on_step=False, on_epoch=True)
 
+    def log_kl_decomposition(self, metric) -> None:
+        """``val/mutual_info``, ``val/total_correlation`` and ``val/dimwise_kl`` of the epoch,
+        from a ``vae.eval.KLDecompositionMetric`` fed every validation batch's (mu, logvar)."""
+        result = metric.compute()
+        for name in tags.KL_DECOMPOSITION:
+            self.log_val_epoch_scalar(name, getattr(result, name))
+
     def log_val_histogram(self, name: str, values: torch.Tensor) -> None:
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             log_histogram(self.loggers, tags.tag("val", name), values, self.global_step)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vae.eval.epoch_statistics import ActiveUnits, KLPerDimension
+from vae.eval.epoch_statistics import ActiveUnits, KLDecompositionMetric, KLPerDimension
 from vae.losses import PixelLikelihood, compute_elbo, gaussian_kl, kl_regulariser
 from vae.models.base import LatentVariableModule, build_part
 from vae.training import tags
@@ -103,6 +103,7 @@ class GaussianVAE(LatentVariableModule):
         )
         self.val_active_units = ActiveUnits(self.latent_dim)
         self.val_kl_per_dim = KLPerDimension(self.latent_dim)
+        self.val_kl_decomposition = KLDecompositionMetric(self.latent_dim)
 
     # --- the model ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +148,7 @@ class GaussianVAE(LatentVariableModule):
         if not self.training:
             self.val_active_units.update(mu.detach())
             self.val_kl_per_dim.update(kl.detach())
+            self.val_kl_decomposition.update(mu.detach(), logvar.detach())
         return loss, scalars
 
     def penalties(self, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -192,6 +194,8 @@ class GaussianVAE(LatentVariableModule):
             kl_per_dim = self.val_kl_per_dim.compute()
             self.log_val_histogram("kl_per_dim", kl_per_dim)
             self.log_kl_per_dim_chart(kl_per_dim)
+            self.log_kl_decomposition(self.val_kl_decomposition)
         self.val_active_units.reset()
         self.val_kl_per_dim.reset()
+        self.val_kl_decomposition.reset()
         super().on_validation_epoch_end()

@@ -34,7 +34,7 @@ import torch
 from torchmetrics.aggregation import SumMetric
 
 from vae.data.fortunes import Vocabulary, detokenize
-from vae.eval.epoch_statistics import ActiveUnits, KLPerDimension
+from vae.eval.epoch_statistics import ActiveUnits, KLDecompositionMetric, KLPerDimension
 from vae.losses import compute_elbo, gaussian_kl, kl_regulariser
 from vae.models.base import LatentVariableModule, build_part
 from vae.nn.text import (
@@ -114,6 +114,7 @@ class TextVAE(LatentVariableModule):
         )
         self.val_active_units = ActiveUnits(self.latent_dim)
         self.val_kl_per_dim = KLPerDimension(self.latent_dim)
+        self.val_kl_decomposition = KLDecompositionMetric(self.latent_dim)
         self.val_neg_elbo, self.val_tokens = SumMetric(), SumMetric()
 
     # --- the model (also the protocol of vae.eval.nll's importance sampling) ----------------
@@ -142,8 +143,8 @@ class TextVAE(LatentVariableModule):
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
     def terms(self, tokens: torch.Tensor, lengths: torch.Tensor, step: int):
-        """loss, {loss, recon, kl, beta, elbo} (nats per sentence), mu (B, D), the KL per
-        dimension (B, D) and recon (B,) of a batch with explicit ``lengths``."""
+        """loss, {loss, recon, kl, beta, elbo} (nats per sentence), (mu, logvar) (B, D) each,
+        the KL per dimension (B, D) and recon (B,) of a batch with explicit ``lengths``."""
         mu, logvar = self.encoder(tokens, lengths)
         recon = self.reconstruction_nll(self.reparameterise(mu, logvar), tokens, lengths)
         kl = gaussian_kl(mu, logvar, validate=False)  # (B, D) nats
@@ -155,13 +156,14 @@ class TextVAE(LatentVariableModule):
             "beta": terms.beta,
             "elbo": terms.elbo,
         }
-        return terms.loss, scalars, mu, kl, recon
+        return terms.loss, scalars, (mu, logvar), kl, recon
 
     def compute_terms(self, x: torch.Tensor, step: int):
         lengths = (x != PAD_ID).sum(dim=1)
-        loss, scalars, mu, kl, recon = self.terms(x, lengths, step)
+        loss, scalars, (mu, logvar), kl, recon = self.terms(x, lengths, step)
         if not self.training:
             self.val_active_units.update(mu.detach())
+            self.val_kl_decomposition.update(mu.detach(), logvar.detach())
             self.val_kl_per_dim.update(kl.detach())
             self.val_neg_elbo.update((recon + kl.sum(-1)).detach().sum())
             self.val_tokens.update((lengths - 1).sum())
@@ -230,7 +232,8 @@ class TextVAE(LatentVariableModule):
             self.log_val_histogram("kl_per_dim", self.val_kl_per_dim.compute())
             perplexity = torch.exp(self.val_neg_elbo.compute() / self.val_tokens.compute())
             self.log(tags.VAL_PERPLEXITY, perplexity)
-        for metric in (self.val_active_units, self.val_kl_per_dim):
+            self.log_kl_decomposition(self.val_kl_decomposition)
+        for metric in (self.val_active_units, self.val_kl_per_dim, self.val_kl_decomposition):
             metric.reset()
         self.val_neg_elbo.reset()
         self.val_tokens.reset()

@@ -31,6 +31,15 @@ VAL_BITS_PER_DIM = "val/bits_per_dim"
 VAL_ACTIVE_UNITS = "val/active_units"
 VAL_KL_PER_DIM = "val/kl_per_dim"  # histogram
 VAL_KL_PER_DIM_CHART = "val/kl_per_dim_chart"  # image: one bar per latent dimension, in order
+# Where the KL goes (vae.losses.decomposition), over the whole validation split's aggregate
+# posterior q(z), once per validation epoch; val/mutual_info + val/total_correlation +
+# val/dimwise_kl = val/kl (the closed-form mean KL; only the split between them is estimated,
+# from 1,000 seeded draws). val/mutual_info is I_q(x; z), in [0, log N_val]: with val/kl it is
+# the diagnostic of posterior collapse (both -> 0).
+VAL_MUTUAL_INFO = "val/mutual_info"
+VAL_TOTAL_CORRELATION = "val/total_correlation"
+VAL_DIMWISE_KL = "val/dimwise_kl"
+KL_DECOMPOSITION = ("mutual_info", "total_correlation", "dimwise_kl")  # the terms' names
 
 # Images
 VAL_RECONSTRUCTIONS = "val/reconstructions"
@@ -41,7 +50,17 @@ VAL_INTERPOLATION = "val/interpolation"  # text: decodings between two sentences
 TRAIN_SAMPLES_PER_S = "train_samples_per_s"
 
 VAE_TRAIN_SCALARS = (TRAIN_LOSS, TRAIN_RECON, TRAIN_KL, TRAIN_BETA)
-VAE_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_BITS_PER_DIM, VAL_ACTIVE_UNITS)
+VAE_VAL_SCALARS = (
+    VAL_LOSS,
+    VAL_RECON,
+    VAL_KL,
+    VAL_ELBO,
+    VAL_BITS_PER_DIM,
+    VAL_ACTIVE_UNITS,
+    VAL_MUTUAL_INFO,
+    VAL_TOTAL_CORRELATION,
+    VAL_DIMWISE_KL,
+)
 VAE_SCALARS = VAE_TRAIN_SCALARS + VAE_VAL_SCALARS
 VAE_HISTOGRAMS = (VAL_KL_PER_DIM,)
 IMAGES = (VAL_RECONSTRUCTIONS, VAL_SAMPLES)
@@ -117,12 +136,23 @@ TEXT_LM_VAL_SCALARS = (VAL_LOSS, VAL_ELBO, VAL_PERPLEXITY)
 TEXT_LM_TEXTS = (VAL_SAMPLES,)
 
 # Sentence VAE (vae.models.TextVAE, model=text_vae). Nats per sentence, pads excluded; the VAE
-# scalars (train/beta, val/recon, val/kl, val/elbo, val/active_units, val/kl_per_dim) as above:
+# scalars (train/beta, val/recon, val/kl, val/elbo, val/active_units, val/kl_per_dim, and the
+# KL decomposition val/mutual_info, val/total_correlation, val/dimwise_kl) as above:
 #   val/perplexity     exp(sum -ELBO / sum predicted tokens) per token: an upper bound (a bound)
 #   val/samples, val/reconstructions, val/interpolation   text: greedy decodings of prior
 #                      draws, of validation sentences' mu, and along mu_1 + t (mu_2 - mu_1)
 TEXT_VAE_TRAIN_SCALARS = VAE_TRAIN_SCALARS
-TEXT_VAE_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_ACTIVE_UNITS, VAL_PERPLEXITY)
+TEXT_VAE_VAL_SCALARS = (
+    VAL_LOSS,
+    VAL_RECON,
+    VAL_KL,
+    VAL_ELBO,
+    VAL_ACTIVE_UNITS,
+    VAL_PERPLEXITY,
+    VAL_MUTUAL_INFO,
+    VAL_TOTAL_CORRELATION,
+    VAL_DIMWISE_KL,
+)
 TEXT_VAE_TEXTS = (VAL_SAMPLES, VAL_RECONSTRUCTIONS, VAL_INTERPOLATION)
 
 # Test split. One owner: vae.eval.suite.evaluate_split, called by `vae-eval` and by
@@ -136,6 +166,8 @@ TEXT_VAE_TEXTS = (VAL_SAMPLES, VAL_RECONSTRUCTIONS, VAL_INTERPOLATION)
 #                        learned prior (-log p(codes)) for a VQ-VAE prior run; see the module
 #                        docstring for the log2(L) offset of densities, and where it is absent
 #   test/active_units    units with Var_x(E_q[z_d]) > 0.01 (Burda et al. 2016)
+#   test/mutual_info, test/total_correlation, test/dimwise_kl  the KL decomposition over the
+#                        whole split (every example a draw, up to 10,000), as val/ above
 #   test/kl_per_dim      histogram in TensorBoard, a list (nats per dimension) in metrics.json
 #   test/recon_mse       VQ-VAE: mean squared error per pixel of the decoder mean
 #   test/perplexity, test/codebook_usage  VQ-VAE: from the code histogram of the whole split
@@ -156,8 +188,12 @@ TEST_KL = "test/kl"
 TEST_KL_PER_DIM = "test/kl_per_dim"
 TEST_BITS_PER_DIM = "test/bits_per_dim"
 TEST_ACTIVE_UNITS = "test/active_units"
+TEST_MUTUAL_INFO = "test/mutual_info"
+TEST_TOTAL_CORRELATION = "test/total_correlation"
+TEST_DIMWISE_KL = "test/dimwise_kl"
 TEST_RECON_MSE = "test/recon_mse"
 TEST_PERPLEXITY = "test/perplexity"
+TEST_NLL_PER_TOKEN = "test/nll_per_token"  # text: sum test/nll_iw / sum predicted tokens, nats
 TEST_CODEBOOK_USAGE = "test/codebook_usage"
 TEST_LABEL_KL = "test/label_kl"
 TEST_LABEL_KL_REVERSE = "test/label_kl_reverse"
@@ -176,6 +212,9 @@ VAE_TEST_SCALARS = (
     TEST_KL,
     TEST_BITS_PER_DIM,
     TEST_ACTIVE_UNITS,
+    TEST_MUTUAL_INFO,
+    TEST_TOTAL_CORRELATION,
+    TEST_DIMWISE_KL,
 )
 VQVAE_TEST_SCALARS = (TEST_RECON_MSE, TEST_RECON, TEST_PERPLEXITY, TEST_CODEBOOK_USAGE)
 SAMPLE_SCORE_SCALARS = (
