@@ -139,3 +139,18 @@ def test_minibatch_weights_mws_and_mss():
         minibatch_log_densities(z, mu, logvar, 1000, method="full")
     with pytest.raises(ValueError, match="dataset_size must be an integer >= the batch size"):
         minibatch_log_densities(z, mu, logvar, 4)
+
+
+def test_a_given_kl_replaces_the_closed_form_and_leaves_mi_and_tc():
+    mu, logvar, _ = linear_gaussian(300, seed=6)
+    standard = kl_decomposition(mu, logvar, generator=torch.Generator().manual_seed(0))
+    other = kl_decomposition(mu, logvar, generator=torch.Generator().manual_seed(0), kl=3.5)
+    torch.testing.assert_close(other.mutual_info, standard.mutual_info)
+    torch.testing.assert_close(other.total_correlation, standard.total_correlation)
+    assert float(other.kl) == 3.5
+    assert float(other.mutual_info + other.total_correlation + other.dimwise_kl) == 3.5
+    with pytest.raises(ValueError, match="argument 'kl' must be one finite number"):
+        kl_decomposition(mu, logvar, kl=math.inf)
+    metric = KLDecompositionMetric(3, seed=0)
+    metric.update(mu, logvar, kl=torch.full((300,), 3.5))
+    assert float(metric.compute().kl) == pytest.approx(3.5)

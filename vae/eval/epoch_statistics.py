@@ -259,7 +259,9 @@ class KLDecompositionMetric(Metric):
     (``vae.losses.decomposition``), with q(z) the aggregate posterior of every example seen
     since the last ``reset()`` on every process (``dist_reduce_fx="cat"``: all-gathered).
 
-    ``update(mu, logvar)``: a batch's posterior parameters, (B, latent_dim) each.
+    ``update(mu, logvar, kl=None)``: a batch's posterior parameters, (B, latent_dim) each, and
+    for a prior other than N(0, I) each example's KL (B,), whose epoch mean then replaces the
+    closed form (``kl_decomposition(..., kl=)``).
     ``compute()``: a :class:`~vae.losses.decomposition.KLDecomposition` (float64, nats).
     The draws come from a generator seeded with ``seed``, so that every process computes the
     same numbers and an epoch's estimate does not depend on the training RNG (nor moves it).
@@ -286,11 +288,15 @@ class KLDecompositionMetric(Metric):
         self.seed = int(seed)
         self.add_state("mu", default=[], dist_reduce_fx="cat", persistent=False)
         self.add_state("logvar", default=[], dist_reduce_fx="cat", persistent=False)
+        self.add_state("kl", default=[], dist_reduce_fx="cat", persistent=False)
 
-    def update(self, mu: Tensor, logvar: Tensor) -> None:
-        """Add a batch of posteriors q(z|x) = N(mu, diag exp(logvar)), (B, latent_dim) each."""
+    def update(self, mu: Tensor, logvar: Tensor, kl: Tensor | None = None) -> None:
+        """Add a batch of posteriors q(z|x) = N(mu, diag exp(logvar)), (B, latent_dim) each,
+        and optionally their KLs against the model's prior, (B,) nats (all batches or none)."""
         self.mu.append(_check_rows("mu", mu, self.latent_dim).float())
         self.logvar.append(_check_rows("logvar", logvar, self.latent_dim).float())
+        if kl is not None:
+            self.kl.append(_check_rows("kl", kl.reshape(-1, 1), 1)[:, 0])
 
     def compute(self) -> KLDecomposition:
         mu, logvar = self.mu, self.logvar
@@ -301,5 +307,13 @@ class KLDecompositionMetric(Metric):
                 "KLDecompositionMetric needs the posteriors of at least 2 examples over all "
                 "processes; call update(mu, logvar) first."
             )
+        kl = self.kl
+        kl = torch.cat(kl) if isinstance(kl, list) and kl else kl
+        if isinstance(kl, list):
+            kl = None  # N(0, I): the closed form
+        elif kl.shape[0] != mu.shape[0]:
+            raise ValueError("KLDecompositionMetric: give kl with every update(), or with none.")
+        else:
+            kl = kl.mean()
         generator = torch.Generator().manual_seed(self.seed)
-        return kl_decomposition(mu, logvar, num_points=self.num_points, generator=generator)
+        return kl_decomposition(mu, logvar, num_points=self.num_points, generator=generator, kl=kl)

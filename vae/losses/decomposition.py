@@ -77,6 +77,7 @@ def kl_decomposition(
     *,
     num_points: int | None = None,
     generator: torch.Generator | None = None,
+    kl: Tensor | float | None = None,
     unit: str = "nats",
 ) -> KLDecomposition:
     r"""MI, TC and dimension-wise KL of the posteriors (mu, logvar) of a whole data set.
@@ -107,6 +108,10 @@ def kl_decomposition(
         num_points: draws to average over (a random subset of the N examples without
             replacement, one draw each); None or >= N: every example once.
         generator: for the subset and the draws (a fixed one gives the same numbers twice).
+        kl: the data set's mean KL(q(z|x) || p(z)) in nats when the prior is not N(0, I) (a
+            VampPrior's Monte Carlo estimate, say); None: the closed form against N(0, I). MI
+            and TC do not depend on the prior; the third term is then KL(q(z) || p(z)) - TC,
+            which is sum_j KL(q(z_j) || p(z_j)) only for a prior that factorises.
         unit: "nats" or "bits".
 
     Returns:
@@ -146,7 +151,13 @@ def kl_decomposition(
         mi_terms.append(log_qz_x - log_qz)
         tc_terms.append(log_qz - log_qz_dims)
     mi_terms, tc_terms = torch.cat(mi_terms), torch.cat(tc_terms)
-    kl = gaussian_kl(mu, logvar, validate=False).double().sum(-1).mean()
+    if kl is None:
+        kl = gaussian_kl(mu, logvar, validate=False).double().sum(-1).mean()
+    else:
+        kl = torch.as_tensor(kl, dtype=torch.float64, device=device)
+        if kl.numel() != 1 or not bool(torch.isfinite(kl)):
+            raise ValueError(f"{fn}: argument 'kl' must be one finite number, got {kl.tolist()}")
+        kl = kl.reshape(())
     mutual_info, total_correlation = mi_terms.mean(), tc_terms.mean()
     points = mi_terms.shape[0]
     if points > 1:
