@@ -290,3 +290,45 @@ def test_vae_eval_writes_no_nan_and_keeps_the_legitimately_infinite_label_kl():
         check_finite_metrics({"test/elbo": float("nan"), "test/nll_iw": 3.0})
     with pytest.raises(EvaluationError, match="test/nll_iw=inf"):
         check_finite_metrics({"test/nll_iw": float("inf")})
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_output_bias_starts_at_the_training_mean_image(arch, likelihood):
+    """init_output_bias: with the last layer's weights zeroed, the decoder's mean is the
+    training split's mean image (per pixel for an MLP, per channel for a convolution), the
+    logit clamped to [0.001, 0.999] for pixels that are always 0."""
+    from types import SimpleNamespace
+
+    images = torch.rand(50, 1, 8, 8)
+    images[:, :, 0, 0] = 0.0  # a pixel that is off in every image
+    model = GaussianVAE((1, 8, 8), arch=arch, hidden_dims=[4], latent_dim=2, likelihood=likelihood)
+    model._trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(train_split=SimpleNamespace(images=images))
+    )
+    model.setup("fit")
+    last = [m for m in model.decoder.modules() if getattr(m, "bias", None) is not None][-1]
+    torch.nn.init.zeros_(last.weight)
+    decoded = model.decode(torch.zeros(1, 2))[0]
+    params = model.likelihood.params_for_mean(images.mean(0))  # logit(clamp(mean)) or mean
+    if arch == "conv":
+        params = params.mean((1, 2), keepdim=True).expand_as(params)
+    torch.testing.assert_close(decoded, params)
+    decoded = model.likelihood.mean(decoded)
+    if arch == "mlp" and likelihood == "bernoulli":
+        assert float(decoded[0, 0, 0]) == pytest.approx(1e-3)
+
+
+def test_output_bias_is_left_alone_when_switched_off_or_not_training():
+    from types import SimpleNamespace
+
+    images = torch.rand(10, 1, 8, 8)
+    for init, stage in ((False, "fit"), (True, "test")):
+        model = GaussianVAE((1, 8, 8), hidden_dims=[4], latent_dim=2, init_output_bias=init)
+        before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+        model._trainer = SimpleNamespace(
+            datamodule=SimpleNamespace(train_split=SimpleNamespace(images=images))
+        )
+        model.setup(stage)
+        for key, value in model.decoder.state_dict().items():
+            assert torch.equal(value, before[key])

@@ -366,6 +366,15 @@ class PixelLikelihood(torch.nn.Module):
         """E[x | params] for display: sigmoid(logits) for Bernoulli, the location otherwise."""
         return torch.sigmoid(params) if self.name == "bernoulli" else params
 
+    def params_for_mean(self, mean: Tensor, margin: float = 1e-3) -> Tensor:
+        """The inverse of :meth:`mean`: the parameters whose mean is ``mean`` (in [0, 1]), the
+        logit for Bernoulli and the location otherwise. For initialising a decoder's output
+        bias at the data's pixel means; the mean is kept in [margin, 1 - margin] first, so that
+        a pixel that is 0 in every training image starts at logit(0.001) = -6.9, not -inf."""
+        if self.name != "bernoulli":
+            return mean
+        return torch.logit(mean.clamp(margin, 1 - margin))
+
     @property
     def reports_bits_per_dim(self) -> bool:
         """Whether :meth:`bits_per_dim` has a number comparable with papers."""

@@ -21,6 +21,7 @@ import torch
 from vae.eval.epoch_statistics import ActiveUnits, KLDecompositionMetric, KLPerDimension
 from vae.losses import PixelLikelihood, compute_elbo, gaussian_kl, kl_regulariser
 from vae.models.base import LatentVariableModule, build_part
+from vae.nn import set_output_bias
 from vae.training import tags
 from vae.training.tensorboard import bar_chart, log_image
 
@@ -45,6 +46,11 @@ class GaussianVAE(LatentVariableModule):
         arch, hidden_dims, logvar_clamp, kl_schedule, beta, free_bits: shorthands for the parts
             above, used when a part is not given (the Hydra config interpolates them into the
             parts, so ``model.beta=4`` works from the command line).
+        init_output_bias: at the start of training, set the decoder's output bias to the
+            parameters of the training split's mean image (``PixelLikelihood.params_for_mean``:
+            the logit of each pixel's mean for Bernoulli), as Burda et al.'s IWAE code does, so
+            that the first steps learn structure instead of the average image. A resumed run
+            keeps its checkpoint's bias.
         lr: read by the optimizer's config; kept here so that it is saved with the run.
     """
 
@@ -67,6 +73,7 @@ class GaussianVAE(LatentVariableModule):
         kl_schedule: str = "constant",
         beta: float = 1.0,
         free_bits: float = 0.0,
+        init_output_bias: bool = True,
         lr: float = 1e-3,
         num_images: int = 64,
         optimizer: Part | None = None,
@@ -104,6 +111,14 @@ class GaussianVAE(LatentVariableModule):
         self.val_active_units = ActiveUnits(self.latent_dim)
         self.val_kl_per_dim = KLPerDimension(self.latent_dim)
         self.val_kl_decomposition = KLDecompositionMetric(self.latent_dim)
+
+    def setup(self, stage: str) -> None:
+        """``init_output_bias`` (see the class docstring). Lightning calls this after the
+        DataModule's setup and before it restores a checkpoint, which then overwrites it."""
+        split = getattr(getattr(self.trainer, "datamodule", None), "train_split", None)
+        if stage == "fit" and self.hparams.init_output_bias and split is not None:
+            mean_image = split.images.float().mean(0).to(self.device)
+            set_output_bias(self.decoder, self.likelihood.params_for_mean(mean_image))
 
     # --- the model ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

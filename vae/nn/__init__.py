@@ -13,7 +13,7 @@ from vae.nn.blocks import (
     make_activation,
     spatial_sizes,
 )
-from vae.nn.build import build_decoder, build_encoder
+from vae.nn.build import build_decoder, build_encoder, set_output_bias
 from vae.nn.conv import ConvDecoder, ConvEncoder
 from vae.nn.gaussian import GaussianEncoder
 from vae.nn.mlp import MLPDecoder, MLPEncoder
@@ -40,6 +40,7 @@ __all__ = [
     "VQDecoder",
     "VQEncoder",
     "build_decoder",
+    "set_output_bias",
     "build_encoder",
     "downsampled_shape",
     "make_activation",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from vae.nn.conv import ConvDecoder, ConvEncoder
@@ -59,3 +60,24 @@ def build_decoder(
     latent_dim = positive_int(latent_dim, "build_decoder", "latent_dim")
     hidden_dims = positive_int_list(hidden_dims, "build_decoder", "hidden_dims")
     return DECODERS[arch](latent_dim, hidden_dims, output_shape, activation=activation)
+
+
+@torch.no_grad()
+def set_output_bias(decoder: nn.Module, value: torch.Tensor) -> None:
+    """Set the bias of ``decoder``'s last layer so that a zero pre-activation outputs ``value``
+    (C, H, W): one bias per pixel for a final ``Linear`` of C*H*W outputs (``MLPDecoder``),
+    the per-channel mean of ``value`` for a final convolution of C channels (``ConvDecoder``).
+    """
+    layer = next(
+        (m for m in reversed(list(decoder.modules())) if getattr(m, "bias", None) is not None),
+        None,
+    )
+    if isinstance(layer, nn.Linear) and layer.out_features == value.numel():
+        layer.bias.copy_(value.reshape(-1))
+    elif isinstance(layer, nn.modules.conv._ConvNd) and layer.bias.shape[0] == value.shape[0]:
+        layer.bias.copy_(value.reshape(value.shape[0], -1).mean(1))
+    else:
+        raise ValueError(
+            f"set_output_bias: the last layer with a bias of {type(decoder).__name__} "
+            f"({type(layer).__name__}) does not output images of shape {tuple(value.shape)}."
+        )
