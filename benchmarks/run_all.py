@@ -16,6 +16,7 @@ SCRIPTS = [
     "bench_iw_nll.py",
     "bench_train_throughput.py",
     "bench_threads.py",
+    "bench_kl_decomposition.py",
 ]
 
 
