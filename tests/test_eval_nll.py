@@ -20,8 +20,11 @@ from vae.eval import (
     importance_weighted_nll,
     standard_normal_log_density,
 )
+from vae.eval.nll import reconstruction_nll_of_draws
+from vae.eval.suite import gaussian_vae_metrics
 from vae.losses import gaussian_nll
 from vae.models import GaussianVAE
+from vae.training import tags
 
 DTYPE = torch.float64
 LATENT, PIXELS, SIGMA = 3, 6, 0.5
@@ -220,3 +223,84 @@ def test_a_bernoulli_vae_on_cuda_agrees_with_cpu_within_noise():
     assert on_cuda.is_cuda
     # Independent draws: at k = 2000 one estimate has a Monte Carlo s.d. of about 0.02 nats.
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=0, atol=0.2)
+
+
+class SelfWeighingPPCA(LinearGaussianVAE):
+    """The PPCA model through the second protocol: it draws and weighs its own samples."""
+
+    def __init__(self, *args, decompose: bool = True):
+        super().__init__(*args)
+        self.reports_kl_decomposition = decompose
+        self.sample_calls: list[int] = []
+
+    def importance_sample(self, x, num_samples, generator):
+        self.sample_calls.append(num_samples)
+        mu, logvar = self.encode(x)
+        eps = torch.randn(
+            (x.shape[0], num_samples, mu.shape[-1]), generator=generator, dtype=mu.dtype
+        )
+        z = mu.unsqueeze(1) + (0.5 * logvar).exp().unsqueeze(1) * eps
+        recon = reconstruction_nll_of_draws(self, self.decode(z), x)
+        log_q = diagonal_gaussian_log_density(z, mu.unsqueeze(1), logvar.unsqueeze(1))
+        return standard_normal_log_density(z) - log_q - recon, recon
+
+
+@pytest.mark.parametrize("k,chunk_size", [(1, 1), (10, 3), (257, 64)])
+def test_a_model_with_its_own_importance_sample_gets_the_exact_nll_chunk_by_chunk(k, chunk_size):
+    W, b = ppca()
+    model = SelfWeighingPPCA(W, b, SIGMA, *exact_posterior(W, b, SIGMA))
+    x = data(W, b, 50)
+    bounds = importance_weighted_bounds(model, x, k, chunk_size, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(bounds.nll_iw, exact_nll(W, b, SIGMA, x), rtol=0, atol=1e-9)
+    assert model.sample_calls == [min(chunk_size, k - s) for s in range(0, k, chunk_size)]
+    assert bounds.kl_per_dim is None and bounds.kl.shape == (50,)
+    torch.testing.assert_close(bounds.elbo, -(bounds.recon + bounds.kl))
+
+
+def test_the_own_path_kl_is_the_monte_carlo_mean_of_log_q_minus_log_p():
+    W, b = ppca()
+    enc = exact_posterior(W, b, SIGMA)
+    model = SelfWeighingPPCA(W, b, SIGMA, enc[0], enc[1] + 0.3, enc[2] + 0.7)
+    x = data(W, b, 20)
+    own = importance_weighted_bounds(model, x, 20000, generator=torch.Generator().manual_seed(1))
+    closed_form = 0.5 * (model.encode(x)[1].exp() + model.encode(x)[0].square() - 1).sum(-1)
+    closed_form = closed_form - 0.5 * model.encode(x)[1].sum(-1)
+    torch.testing.assert_close(own.kl, closed_form, rtol=0, atol=0.05)
+    # and the same draws through the built-in Gaussian path give the same log weights
+    plain = importance_weighted_bounds(
+        LinearGaussianVAE(W, b, SIGMA, enc[0], enc[1] + 0.3, enc[2] + 0.7),
+        x,
+        20000,
+        generator=torch.Generator().manual_seed(1),
+    )
+    torch.testing.assert_close(own.nll_iw, plain.nll_iw, rtol=0, atol=1e-9)
+    torch.testing.assert_close(own.recon, plain.recon, rtol=0, atol=1e-9)
+
+
+def test_an_importance_sample_of_the_wrong_shape_is_refused():
+    W, b = ppca()
+    model = SelfWeighingPPCA(W, b, SIGMA, *exact_posterior(W, b, SIGMA))
+    model.importance_sample = lambda x, s, g: (torch.zeros(x.shape[0]), torch.zeros(x.shape[0]))
+    with pytest.raises(ValueError, match="importance_sample must return"):
+        importance_weighted_bounds(model, data(W, b, 4), 3)
+
+
+@pytest.mark.parametrize("decompose", [True, False])
+def test_split_metrics_of_a_self_weighing_model_have_no_kl_per_dim(decompose):
+    W, b = ppca()
+    enc = exact_posterior(W, b, SIGMA)
+    model = SelfWeighingPPCA(W, b, SIGMA, enc[0], enc[1] + 0.3, enc[2] + 0.7, decompose=decompose)
+    x = data(W, b, 60)
+    metrics = gaussian_vae_metrics(
+        model, [x[:32], x[32:]], 50, generator=torch.Generator().manual_seed(0)
+    )
+    assert tags.TEST_KL_PER_DIM not in metrics
+    assert metrics[tags.TEST_NUM_EXAMPLES] == 60 and metrics[tags.TEST_ACTIVE_UNITS] == LATENT
+    assert math.isclose(
+        metrics[tags.TEST_ELBO], -(metrics[tags.TEST_RECON] + metrics[tags.TEST_KL]), rel_tol=1e-12
+    )
+    names = [tags.tag("test", name) for name in tags.KL_DECOMPOSITION]
+    if decompose:  # the model's own KL is split: the three still add up to it
+        assert math.isclose(sum(metrics[n] for n in names), metrics[tags.TEST_KL], rel_tol=1e-6)
+    else:
+        assert not any(n in metrics for n in names)

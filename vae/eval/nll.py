@@ -1,5 +1,5 @@
-"""Importance-weighted log-likelihood estimate of a Gaussian VAE (Burda, Grosse & Salakhutdinov
-2016), a lower bound on log p(x) in expectation.
+"""Importance-weighted log-likelihood estimate of a VAE (Burda, Grosse & Salakhutdinov 2016), a
+lower bound on log p(x) in expectation.
 
 For one example x and k draws z_i ~ q(z|x), with log weights
 
@@ -21,15 +21,26 @@ chunk_size * B * (pixels) floats whatever k is (k = 5000 works on a laptop). Onl
 weights and reconstruction terms of each example are kept (2 * B * k floats: 2.5 MB for B = 64,
 k = 5000); one logsumexp in float64 over all k then gives L_k(x).
 
-The model needs only this protocol (``GaussianVAE`` provides it; any ``nn.Module`` can):
+The model needs one of two protocols (any ``nn.Module`` can provide either):
 
-* ``encode(x) -> (mu, logvar)``, each (B, D): q(z|x) = N(mu, diag exp(logvar));
-* ``decode(z)`` for z of shape (B, S, D) -> decoder parameters of shape (B, S, *event);
-* ``reconstruction_nll(params, x) -> (N,)``: -log p(x|z) in nats for N = B * S flattened rows.
-  A model whose likelihood dequantizes its targets draws fresh noise at every call, so the
-  estimate then also integrates over the dequantization noise.
+1. A diagonal-Gaussian posterior and the prior N(0, I) (``GaussianVAE``): the weights and the
+   KL are computed here, the KL in closed form per latent dimension.
 
-The prior is N(0, I).
+   * ``encode(x) -> (mu, logvar)``, each (B, D): q(z|x) = N(mu, diag exp(logvar));
+   * ``decode(z)`` for z of shape (B, S, D) -> decoder parameters of shape (B, S, *event);
+   * ``reconstruction_nll(params, x) -> (N,)``: -log p(x|z) in nats for N = B * S flattened
+     rows. A model whose likelihood dequantizes its targets draws fresh noise at every call,
+     so the estimate then also integrates over the dequantization noise.
+
+2. Any other prior or posterior (a VampPrior, a ladder of latents): the model draws and
+   weighs its own samples, and this path is used whenever the method exists.
+
+   * ``importance_sample(x, num_samples, generator) -> (log_weight, recon)``, each
+     (B, num_samples), at fresh draws z_s ~ q(z|x): log_weight = log p(x, z_s) - log q(z_s|x)
+     and recon = -log p(x|z_s), nats.
+
+   The KL is then the Monte Carlo mean over the k draws of log q(z|x) - log p(z) =
+   -(log_weight + recon), and there is no per-dimension KL.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ __all__ = [
     "diagonal_gaussian_log_density",
     "importance_weighted_bounds",
     "importance_weighted_nll",
+    "reconstruction_nll_of_draws",
     "standard_normal_log_density",
 ]
 
@@ -83,21 +95,22 @@ class ImportanceWeightedBounds(NamedTuple):
             estimate can fall below it).
         recon: mean over the k samples of -log p(x|z_i): a k-sample estimate of the ELBO's
             reconstruction term.
-        kl_per_dim: closed-form KL(q(z_d|x) || N(0, 1)) per latent dimension, (B, D).
+        kl_per_dim: closed-form KL(q(z_d|x) || N(0, 1)) per latent dimension, (B, D); None for
+            a model with its own ``importance_sample`` (no per-dimension KL exists then).
+        kl: KL(q(z|x) || p(z)) per example: the sum of ``kl_per_dim`` (exact), or for a model
+            with its own ``importance_sample`` the mean over the k draws of
+            log q(z_i|x) - log p(z_i) (Monte Carlo).
     """
 
     nll_iw: Tensor
     recon: Tensor
-    kl_per_dim: Tensor
-
-    @property
-    def kl(self) -> Tensor:
-        """KL(q(z|x) || p(z)) per example, summed over latent dimensions."""
-        return self.kl_per_dim.sum(-1)
+    kl_per_dim: Tensor | None
+    kl: Tensor
 
     @property
     def elbo(self) -> Tensor:
-        """-(recon + kl): a k-sample estimate of the ELBO (exact KL, Monte Carlo reconstruction)."""
+        """-(recon + kl): a k-sample estimate of the ELBO (Monte Carlo reconstruction; the KL
+        exact or Monte Carlo, see ``kl``)."""
         return -(self.recon + self.kl)
 
 
@@ -108,11 +121,14 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def _check_model(model: object) -> None:
+    if hasattr(model, "importance_sample"):
+        return
     missing = [m for m in ("encode", "decode", "reconstruction_nll") if not hasattr(model, m)]
     if missing:
         raise ValueError(
             f"model must provide encode(x) -> (mu, logvar), decode(z) and "
-            f"reconstruction_nll(params, x) (a Gaussian VAE); {type(model).__name__} lacks "
+            f"reconstruction_nll(params, x) (a Gaussian VAE), or importance_sample(x, "
+            f"num_samples, generator); {type(model).__name__} lacks "
             f"{', '.join(missing)}."
         )
 
@@ -123,8 +139,9 @@ def default_chunk_size(batch_size: int, k: int, device: torch.device | str = "cp
     return max(1, min(k, rows // max(1, batch_size)))
 
 
-def _reconstruction_nll(model, params: Tensor, x: Tensor) -> Tensor:
-    """-log p(x | z) in nats, (B, S), from params (B, S, *event) and the batch x (B, *event)."""
+def reconstruction_nll_of_draws(model, params: Tensor, x: Tensor) -> Tensor:
+    """-log p(x | z) in nats, (B, S), from params (B, S, *event) of S draws per example and the
+    batch x (B, *event), through ``model.reconstruction_nll`` on B * S flattened rows."""
     batch, samples = params.shape[:2]
     targets = x.unsqueeze(1).expand(batch, samples, *x.shape[1:])
     flat = model.reconstruction_nll(
@@ -142,10 +159,11 @@ def importance_weighted_bounds(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> ImportanceWeightedBounds:
-    """NLL_iw(k), the k-sample reconstruction term and the exact KL for each example of ``x``.
+    """NLL_iw(k), the k-sample reconstruction term and the KL for each example of ``x``.
 
     Args:
-        model: a Gaussian VAE (see the module docstring for the protocol). Its mode is left as
+        model: a Gaussian VAE, or a model with ``importance_sample`` (see the module
+            docstring for the two protocols). Its mode is left as
             it is; call ``model.eval()`` first if it has dropout or batch norm.
         x: a batch, (B, *event), on the model's device.
         k: importance samples per example (Burda et al. report k = 5000).
@@ -156,7 +174,8 @@ def importance_weighted_bounds(
             numbers; ``None`` uses the global one.
 
     Returns:
-        :class:`ImportanceWeightedBounds` with (B,) tensors (and (B, D) ``kl_per_dim``), float32.
+        :class:`ImportanceWeightedBounds` with (B,) tensors (and (B, D) ``kl_per_dim``, or None
+        for a model with its own ``importance_sample``), in the model's dtype.
     """
     _check_model(model)
     k = _positive_int("k", k)
@@ -166,6 +185,8 @@ def importance_weighted_bounds(
     chunk_size = default_chunk_size(batch, k, x.device) if chunk_size is None else chunk_size
     chunk_size = _positive_int("chunk_size", chunk_size)
 
+    if hasattr(model, "importance_sample"):
+        return _model_importance_weighted_bounds(model, x, k, chunk_size, generator)
     mu, logvar = model.encode(x)
     mu, std = mu.unsqueeze(1), torch.exp(0.5 * logvar).unsqueeze(1)  # (B, 1, D)
     # log w = log p(x|z) + log p(z) - log q(z|x). At z = mu + std * eps, q's standardised
@@ -187,7 +208,7 @@ def importance_weighted_bounds(
             dtype=mu.dtype,
         )
         z = mu + std * eps
-        chunk_recon = _reconstruction_nll(model, model.decode(z), x)
+        chunk_recon = reconstruction_nll_of_draws(model, model.decode(z), x)
         prior_ratio = (eps.square() - z.square()).sum(-1)  # sum_d eps^2 - z^2, (B, S)
         recon[:, start:stop] = chunk_recon
         log_w[:, start:stop] = half_sum_logvar - chunk_recon + 0.5 * prior_ratio
@@ -199,6 +220,37 @@ def importance_weighted_bounds(
         nll_iw=nll_iw.to(mu.dtype),
         recon=recon.sum(1, dtype=torch.float64).div_(k).to(mu.dtype),
         kl_per_dim=kl_per_dim,
+        kl=kl_per_dim.sum(-1),
+    )
+
+
+def _model_importance_weighted_bounds(
+    model, x: Tensor, k: int, chunk_size: int, generator: torch.Generator | None
+) -> ImportanceWeightedBounds:
+    """Protocol 2 of the module docstring: the model's own ``importance_sample``, chunk by chunk.
+
+    KL per example = mean_i [log q(z_i|x) - log p(z_i)] = -mean_i (log w_i + recon_i), in
+    float64 like the reconstruction term.
+    """
+    log_w, recon = [], []
+    for start in range(0, k, chunk_size):
+        samples = min(chunk_size, k - start)
+        chunk_log_w, chunk_recon = model.importance_sample(x, samples, generator)
+        if chunk_log_w.shape != (x.shape[0], samples) or chunk_recon.shape != chunk_log_w.shape:
+            raise ValueError(
+                f"{type(model).__name__}.importance_sample must return (log_weight, recon) of "
+                f"shape (batch, num_samples) = {(x.shape[0], samples)} each; got "
+                f"{tuple(chunk_log_w.shape)} and {tuple(chunk_recon.shape)}."
+            )
+        log_w.append(chunk_log_w)
+        recon.append(chunk_recon)
+    log_w, recon = torch.cat(log_w, 1), torch.cat(recon, 1)
+    dtype = log_w.dtype
+    nll_iw = math.log(k) - torch.logsumexp(log_w.double(), 1)
+    mean_recon = recon.sum(1, dtype=torch.float64).div_(k)
+    kl = -(log_w.sum(1, dtype=torch.float64).div_(k) + mean_recon)
+    return ImportanceWeightedBounds(
+        nll_iw=nll_iw.to(dtype), recon=mean_recon.to(dtype), kl_per_dim=None, kl=kl.to(dtype)
     )
 
 

@@ -80,26 +80,36 @@ def gaussian_vae_metrics(
     generator: torch.Generator | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Test metrics of a Gaussian VAE over ``batches`` (the split), averaged per example.
+    """Test metrics of a VAE over ``batches`` (the split), averaged per example.
 
     * ``test/nll_iw``: -L_k with k samples (Burda et al. 2016), an estimate whose expectation
       upper-bounds the NLL;
-    * ``test/elbo``: -(recon + kl) with the exact KL and a k-sample reconstruction term;
-    * ``test/recon``, ``test/kl`` and ``test/kl_per_dim`` (a list, nats per dimension);
+    * ``test/elbo``: -(recon + kl) with a k-sample reconstruction term;
+    * ``test/recon``, ``test/kl``: exact for a Gaussian VAE, the mean over the k draws of
+      log q(z|x) - log p(z) for a model with its own ``importance_sample`` (a VampPrior, a
+      ladder VAE; see ``vae.eval.nll``); ``test/kl_per_dim`` (a list, nats per dimension) only
+      where per-dimension values exist (the closed form against N(0, I));
     * ``test/bits_per_dim``: ``test/nll_iw`` / (pixels * ln 2), plus log2 L for a density on
       dequantized pixels; absent where no comparable figure exists (``_bits_per_dim``);
-    * ``test/active_units``: dimensions with Var_x(E_q[z_d]) > 0.01;
+    * ``test/active_units``: dimensions with Var_x(E_q[z_d]) > 0.01, of ``model.encode(x)``'s
+      mean;
     * ``test/mutual_info``, ``test/total_correlation``, ``test/dimwise_kl``: the KL
       decomposition (``vae.losses.decomposition``) with q(z) the whole split's aggregate
-      posterior, one seeded draw per example (10,000 at most); they add up to ``test/kl``;
+      posterior N(mu, diag exp(logvar)) from ``model.encode``, one seeded draw per example
+      (10,000 at most); they add up to ``test/kl`` (without per-dimension KLs, the model's
+      own KL is passed in, so the third term is KL(q(z) || p(z)) - TC). Left out for a model
+      whose ``reports_kl_decomposition`` is False (its q(z|x) is not that of ``encode``);
     * ``test/num_examples`` and ``test/importance_samples`` (k), to state the protocol.
     """
     means = _Means()
     posterior_means = decomposition = None  # once the latent size is known
+    decompose = getattr(model, "reports_kl_decomposition", True)
     for x in batches:
         bounds = importance_weighted_bounds(model, x, k, chunk_size, generator)
         means.count += x.shape[0]
-        means.add(nll_iw=bounds.nll_iw, recon=bounds.recon, kl_per_dim=bounds.kl_per_dim)
+        means.add(nll_iw=bounds.nll_iw, recon=bounds.recon, kl=bounds.kl)
+        if bounds.kl_per_dim is not None:
+            means.add(kl_per_dim=bounds.kl_per_dim)
         mu, logvar = model.encode(x)
         if posterior_means is None:  # this process's split only: no sync across processes
             posterior_means = ActiveUnits(mu.shape[1], sync_on_compute=False).to(mu.device)
@@ -107,24 +117,23 @@ def gaussian_vae_metrics(
                 mu.shape[1], num_points=10_000, sync_on_compute=False
             ).to(mu.device)
         posterior_means.update(mu)
-        decomposition.update(mu, logvar)
+        if decompose:  # the closed-form KL against N(0, I) where it exists, else the model's
+            decomposition.update(mu, logvar, None if bounds.kl_per_dim is not None else bounds.kl)
         if progress is not None:
             progress(means.count)
     if means.count == 0:
         raise ValueError("batches is empty: there is nothing to evaluate.")
-    kl_per_dim = means.mean("kl_per_dim")
-    where_kl_goes = decomposition.compute() if means.count >= 2 else None
-    recon, kl, nll_iw = (
-        float(means.mean("recon")),
-        float(kl_per_dim.sum()),
-        float(means.mean("nll_iw")),
-    )
+    per_dim = "kl_per_dim" in means.sums
+    kl_per_dim = means.mean("kl_per_dim") if per_dim else None
+    where_kl_goes = decomposition.compute() if decompose and means.count >= 2 else None
+    recon, nll_iw = float(means.mean("recon")), float(means.mean("nll_iw"))
+    kl = float(kl_per_dim.sum()) if per_dim else float(means.mean("kl"))
     return {
         tags.TEST_NLL_IW: nll_iw,
         tags.TEST_ELBO: -(recon + kl),
         tags.TEST_RECON: recon,
         tags.TEST_KL: kl,
-        tags.TEST_KL_PER_DIM: kl_per_dim.tolist(),
+        **({tags.TEST_KL_PER_DIM: kl_per_dim.tolist()} if per_dim else {}),
         **_bits_per_dim(model, nll_iw),
         tags.TEST_ACTIVE_UNITS: int(posterior_means.compute()),
         **(
