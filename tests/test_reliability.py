@@ -269,5 +269,9 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path: Path):
     metrics = read_metrics(run_dirs[0])
     # 1437 training digits split over 2 processes: 12 steps of 64 per process.
     assert metrics["global_step"] == 12
+    # The KL decomposition gathers both processes' posteriors: its terms add up to the synced
+    # val/kl (one process's half of the split would not).
+    parts = sum(metrics[tag] for tag in ("val/mutual_info", "val/total_correlation"))
+    assert parts + metrics["val/dimwise_kl"] == pytest.approx(metrics["val/kl"], rel=1e-4, abs=1e-6)
     assert len(list(run_dirs[0].glob("events.out.tfevents.*"))) == 1
     assert_threads_shared(run_dirs[0], 2)  # the 2 processes share the cores

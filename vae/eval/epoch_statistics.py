@@ -309,7 +309,7 @@ class KLDecompositionMetric(Metric):
             )
         kl = self.kl
         kl = torch.cat(kl) if isinstance(kl, list) and kl else kl
-        if isinstance(kl, list):
+        if isinstance(kl, list) or kl.numel() == 0:  # (an empty list synced across processes)
             kl = None  # N(0, I): the closed form
         elif kl.shape[0] != mu.shape[0]:
             raise ValueError("KLDecompositionMetric: give kl with every update(), or with none.")
