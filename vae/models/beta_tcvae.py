@@ -79,13 +79,13 @@ class BetaTCVAE(GaussianVAE):
         for key, plain in (("kl_schedule", "constant"), ("free_bits", 0.0)):
             if kwargs.get(key, plain) != plain:
                 raise ValueError(
-                    f"model.{key}={kwargs[key]!r}: beta-TCVAE weighs MI, TC and dimension-wise KL "
-                    f"with model.alpha, model.beta, model.gamma instead; drop model.{key}"
+                    f"model.{key}={kwargs[key]!r}: BetaTCVAE weighs the three parts of its KL "
+                    f"by fixed weights instead; drop model.{key}"
                 )
         regulariser = kwargs.pop("regulariser", None)
         if regulariser is not None and regulariser != PLAIN_KL:
             raise ValueError(
-                f"model.regulariser={regulariser!r}: beta-TCVAE has no KL regulariser (its loss "
+                f"model.regulariser={regulariser!r}: BetaTCVAE has no KL regulariser (its loss "
                 "weighs MI, TC and dimension-wise KL with model.alpha, model.beta, model.gamma)"
             )
         # beta passes through so that the saved hyper-parameters hold the TC weight; the

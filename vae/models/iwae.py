@@ -98,8 +98,8 @@ class IWAE(GaussianVAE):
         for key, plain in (("kl_schedule", "constant"), ("beta", 1.0), ("free_bits", 0.0)):
             if self.hparams.get(key, plain) != plain:
                 raise ValueError(
-                    f"model.{key}={self.hparams[key]!r}: IWAE trains the k-sample bound, which has "
-                    f"no KL regulariser; use model.{key}={plain} (or model=vae for a weighted KL)"
+                    f"model.{key}={self.hparams[key]!r}: IWAE trains the importance-weighted "
+                    f"bound, which weighs no KL; use model.{key}={plain} (or model=vae)"
                 )
         schedule = getattr(self.regulariser, "schedule", None)
         if not (
