@@ -4,13 +4,20 @@ whose KL is split at the batch's own draws z_i ~ q(z|x_i) into three separately 
     MI   = log q(z|x) - log q(z)                index-code mutual information
     TC   = log q(z) - sum_j log q(z_j)          total correlation
     DWKL = sum_j log q(z_j) - log p(z)          dimension-wise KL, p(z) = N(0, I)
-    loss = recon + alpha * MI + beta * TC + gamma * DWKL          (batch means, nats per example)
+    Chen et al.:  recon + alpha * MI + beta * TC + gamma * DWKL        (batch means, nats/example)
 
 log q(z) and log q(z_j) are Chen et al.'s minibatch estimates over a training set of N examples
 (``vae.losses.minibatch_log_densities``, ``model.estimator``: mss or mws). MI + TC + DWKL is
-exactly log q(z|x) - log p(z), a one-sample Monte Carlo KL, so alpha = beta = gamma = 1 (the
-defaults) trains the plain ELBO up to that estimate's noise; beta > 1 penalises only the TC. The
-logged ``kl`` and ``elbo`` stay the closed-form ones, comparable with every VAE; the three
+exactly log q(z|x) - log p(z), a one-sample Monte Carlo KL, so the loss trained here swaps that
+sum for the closed-form KL, which has the same expectation (and so the same expected gradient):
+
+    loss = recon + KL + (alpha - 1) * MI + (beta - 1) * TC + (gamma - 1) * DWKL
+
+Then alpha = beta = gamma = 1 (the defaults) is the Gaussian VAE's loss exactly, and only the
+re-weighted parts carry Monte Carlo noise. On the digits (MLP 256-128, 8 latents, 10 epochs) the
+literal form collapsed the posterior (val/kl 0.003 nats, also at unit weights) where this one
+kept val/kl 1.3 nats with beta = 6 and cut val/total_correlation from 0.36 (VAE) to 0.06.
+The logged ``kl`` and ``elbo`` stay the closed-form ones, comparable with every VAE; the three
 estimates are logged as ``train/*_mb``. There is no KL regulariser: ``model.beta`` is the TC
 weight and feeds nothing else.
 """
@@ -137,7 +144,9 @@ class BetaTCVAE(GaussianVAE):
                 z, eps, mu, logvar, self.dataset_size, self.estimator
             ).items()
         }
-        loss = terms.recon + sum(self.weights[name] * split[name] for name in split)
+        # The closed-form KL stands in for MI + TC + DWKL (equal in expectation): see above.
+        reweighted = sum((self.weights[name] - 1.0) * split[name] for name in split)
+        loss = terms.recon + terms.kl + reweighted
         scalars = {"loss": loss, "recon": terms.recon, "kl": terms.kl, "elbo": terms.elbo, **split}
         if self.likelihood.reports_bits_per_dim:
             scalars["bits_per_dim"] = self.bits_per_dim(-terms.elbo)
