@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torchmetrics import Metric
 
 from vae.eval.epoch_statistics import ActiveUnits, KLDecompositionMetric, KLPerDimension
 from vae.losses import PixelLikelihood, compute_elbo, gaussian_kl, kl_regulariser
@@ -203,14 +204,20 @@ class GaussianVAE(LatentVariableModule):
             log_image(self.loggers, tags.VAL_KL_PER_DIM_CHART, chart, self.global_step)
 
     # --- statistics of the whole validation epoch (torchmetrics: synced across processes) ---
+    def log_epoch_statistics(self) -> None:
+        """``val/active_units``, the per-dimension KL (histogram and chart) and the KL
+        decomposition of the epoch just validated. A variant whose KL has no per-dimension form
+        (a mixture prior, a hierarchy) overrides this and logs what it has."""
+        self.log_val_epoch_scalar("active_units", self.val_active_units.compute())
+        kl_per_dim = self.val_kl_per_dim.compute()
+        self.log_val_histogram("kl_per_dim", kl_per_dim)
+        self.log_kl_per_dim_chart(kl_per_dim)
+        self.log_kl_decomposition(self.val_kl_decomposition)
+
     def on_validation_epoch_end(self) -> None:
-        if self.val_kl_per_dim.update_called:
-            self.log_val_epoch_scalar("active_units", self.val_active_units.compute())
-            kl_per_dim = self.val_kl_per_dim.compute()
-            self.log_val_histogram("kl_per_dim", kl_per_dim)
-            self.log_kl_per_dim_chart(kl_per_dim)
-            self.log_kl_decomposition(self.val_kl_decomposition)
-        self.val_active_units.reset()
-        self.val_kl_per_dim.reset()
-        self.val_kl_decomposition.reset()
+        if self.val_active_units.update_called:
+            self.log_epoch_statistics()
+        for module in self.modules():  # every torchmetrics Metric here is an epoch statistic
+            if isinstance(module, Metric):
+                module.reset()
         super().on_validation_epoch_end()

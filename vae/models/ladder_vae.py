@@ -240,14 +240,9 @@ class LadderVAE(GaussianVAE):
         return self.likelihood.mean(self.decode(mu_p + torch.exp(0.5 * logvar_p) * eps1))
 
     # --- statistics of the whole validation epoch ------------------------------------------
-    def on_validation_epoch_end(self) -> None:
+    def log_epoch_statistics(self) -> None:
         """``val/active_units`` (of both layers' mean path) and the histograms
-        ``val/kl_per_dim_layer1`` and ``val/kl_per_dim_layer2``. GaussianVAE's own epoch
-        statistics are skipped because its ``val_kl_per_dim`` is never fed here."""
-        if self.val_active_units.update_called:
-            self.log_val_epoch_scalar("active_units", self.val_active_units.compute())
-            for layer, metric in enumerate(self.val_kl_per_dim_layers, start=1):
-                self.log_val_histogram(f"kl_per_dim_layer{layer}", metric.compute())
-        for metric in self.val_kl_per_dim_layers:
-            metric.reset()
-        super().on_validation_epoch_end()  # resets active units, logs the images
+        ``val/kl_per_dim_layer1`` and ``val/kl_per_dim_layer2``."""
+        self.log_val_epoch_scalar("active_units", self.val_active_units.compute())
+        for layer, metric in enumerate(self.val_kl_per_dim_layers, start=1):
+            self.log_val_histogram(f"kl_per_dim_layer{layer}", metric.compute())

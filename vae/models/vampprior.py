@@ -167,11 +167,8 @@ class VampPriorVAE(GaussianVAE):
         return self.likelihood.mean(self.decode(z))
 
     # --- statistics of the whole validation epoch ------------------------------------------
-    def on_validation_epoch_end(self) -> None:
+    def log_epoch_statistics(self) -> None:
         """``val/active_units`` and the KL decomposition (with the Monte Carlo KL); no
-        ``val/kl_per_dim``: the mixture prior gives no KL per dimension. GaussianVAE's own
-        epoch statistics are skipped because ``val_kl_per_dim`` is never fed here."""
-        if self.val_active_units.update_called:
-            self.log_val_epoch_scalar("active_units", self.val_active_units.compute())
-            self.log_kl_decomposition(self.val_kl_decomposition)
-        super().on_validation_epoch_end()  # resets the metrics, logs the images
+        ``val/kl_per_dim``: the mixture prior gives no KL per dimension."""
+        self.log_val_epoch_scalar("active_units", self.val_active_units.compute())
+        self.log_kl_decomposition(self.val_kl_decomposition)
