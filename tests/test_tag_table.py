@@ -1,6 +1,7 @@
 """Every tag that the runs write is a row of the README's tag table, so that a user who sees a tag
 in TensorBoard finds what it means. The tags are read back from the event files of real runs:
-a Gaussian VAE, a VQ-VAE and its prior (vae-train), and vae-eval with the sample scores on."""
+a Gaussian VAE and its variants, a VQ-VAE and its prior (vae-train), and vae-eval with the
+sample scores on."""
 
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         return workdir / last_line(proc.stdout)
 
     found = {"vae": train("seed=1")}
+    found["iwae"] = train("model=iwae", "model.k=2")
+    found["beta_tcvae"] = train("model=beta_tcvae")
+    found["vampprior"] = train("model=vampprior", "model.num_pseudo_inputs=4")
+    found["ladder_vae"] = train("model=ladder_vae")
     found["vqvae"] = train("model=vqvae", "model.num_codes=16", "seed=1")
     found["vqvae_prior"] = train(
         "model=vqvae_prior",
@@ -77,7 +82,9 @@ def test_the_table_is_read():
     assert {"train/loss", "val/elbo", "val/samples", "test/nll_iw"} <= readme_table_tags()
 
 
-@pytest.mark.parametrize("name", ["vae", "vqvae", "vqvae_prior"])
+@pytest.mark.parametrize(
+    "name", ["vae", "iwae", "beta_tcvae", "vampprior", "ladder_vae", "vqvae", "vqvae_prior"]
+)
 def test_every_written_tag_is_in_the_readme_table(runs: dict[str, Path], name: str):
     written = written_tags(runs[name])
     if name in EVALUATED:

@@ -150,10 +150,7 @@ class BetaTCVAE(GaussianVAE):
         scalars = {"loss": loss, "recon": terms.recon, "kl": terms.kl, "elbo": terms.elbo, **split}
         if self.likelihood.reports_bits_per_dim:
             scalars["bits_per_dim"] = self.bits_per_dim(-terms.elbo)
-        if not self.training:
-            self.val_active_units.update(mu.detach())
-            self.val_kl_per_dim.update(kl.detach())
-            self.val_kl_decomposition.update(mu.detach(), logvar.detach())
+        self.update_epoch_statistics(mu, logvar, kl)
         return loss, scalars
 
     def train_scalar_names(self):

@@ -161,11 +161,18 @@ class GaussianVAE(LatentVariableModule):
         }
         if self.likelihood.reports_bits_per_dim:
             scalars["bits_per_dim"] = self.bits_per_dim(-terms.elbo)
+        self.update_epoch_statistics(mu, logvar, kl)
+        return loss, scalars
+
+    def update_epoch_statistics(
+        self, mu: torch.Tensor, logvar: torch.Tensor, kl: torch.Tensor
+    ) -> None:
+        """Feed a validation batch's posteriors and per-dimension KL (B, D) to the epoch's
+        statistics (active units, KL per dimension, the KL decomposition); nothing in training."""
         if not self.training:
             self.val_active_units.update(mu.detach())
             self.val_kl_per_dim.update(kl.detach())
             self.val_kl_decomposition.update(mu.detach(), logvar.detach())
-        return loss, scalars
 
     def penalties(self, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra terms added to the loss (never to the ELBO), by name, in nats per example;

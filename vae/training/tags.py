@@ -124,6 +124,40 @@ VQVAE_IMAGES = (*IMAGES, VAL_CODE_HISTOGRAM)
 VQVAE_PRIOR_TRAIN_SCALARS = (TRAIN_LOSS, TRAIN_KL)
 VQVAE_PRIOR_VAL_SCALARS = (VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_BITS_PER_DIM)
 
+# The KL-centred variants of the Gaussian VAE (issue 17); each also writes the VAE tags above.
+# IWAE (vae.models.IWAE, model=iwae): trains on the k-sample bound (Burda et al. 2016)
+#   train/iw_bound, val/iw_bound   L_k = logsumexp_i log w_i - log k, nats per example;
+#                      train/loss = -train/iw_bound. val/elbo stays the ELBO (comparable runs).
+TRAIN_IW_BOUND = "train/iw_bound"
+VAL_IW_BOUND = "val/iw_bound"
+IWAE_TRAIN_SCALARS = (TRAIN_LOSS, TRAIN_RECON, TRAIN_KL, TRAIN_IW_BOUND)
+IWAE_VAL_SCALARS = (*VAE_VAL_SCALARS, VAL_IW_BOUND)
+# beta-TCVAE (vae.models.BetaTCVAE, model=beta_tcvae; Chen et al. 2018): the minibatch (MSS or
+# MWS) estimates of the KL's three parts at the batch's own draws, train only; they add up to a
+# one-sample estimate of train/kl. The whole-split val/mutual_info etc. are the VAE's.
+TRAIN_MUTUAL_INFO_MB = "train/mutual_info_mb"
+TRAIN_TOTAL_CORRELATION_MB = "train/total_correlation_mb"
+TRAIN_DIMWISE_KL_MB = "train/dimwise_kl_mb"
+BETA_TCVAE_TRAIN_SCALARS = (
+    TRAIN_LOSS,
+    TRAIN_RECON,
+    TRAIN_KL,
+    TRAIN_MUTUAL_INFO_MB,
+    TRAIN_TOTAL_CORRELATION_MB,
+    TRAIN_DIMWISE_KL_MB,
+)
+# VampPrior (vae.models.VampPriorVAE, model=vampprior): train/kl and val/kl are Monte Carlo
+# estimates over model.kl_samples draws (no closed form against a mixture prior), so there is no
+# val/kl_per_dim; val/dimwise_kl is then KL(q(z) || p(z)) - TC (can be < 0: p does not factorise).
+# Ladder VAE (vae.models.LadderVAE, model=ladder_vae): two latent layers, z1 next to x, z2 on top
+#   val/kl_layer1, val/kl_layer2   KL(q(z1|x,z2) || p(z1|z2)) at the drawn z2, KL(q(z2|x) || N(0,I));
+#                      they add up to val/kl; no KL decomposition (q(z|x) is not one diagonal Gaussian)
+#   val/kl_per_dim_layer1, val/kl_per_dim_layer2   histograms, one value per dimension of the layer
+VAL_KL_LAYER1 = "val/kl_layer1"
+VAL_KL_LAYER2 = "val/kl_layer2"
+VAL_KL_PER_DIM_LAYER1 = "val/kl_per_dim_layer1"
+VAL_KL_PER_DIM_LAYER2 = "val/kl_per_dim_layer2"
+
 # Text language model (vae.models.TextLanguageModel, model=text_lm). Nats per sentence, pads
 # excluded; no latent, so no kl:
 #   train/loss, val/loss  KL(target || predicted) summed over a sentence's next-token targets
