@@ -99,9 +99,11 @@ def kl_decomposition(
     estimate of log q(z) includes the m = n_i component (Chen et al.'s full-data-set
     estimator): consistent, and biased towards a smaller MI by at most O(log N / N) per point.
 
-    Cost: points x N x latent_dim log-densities, computed in chunks of ~4M elements, so
-    N = 10,000 examples of a 16-dim latent fit in ~16 MiB of scratch memory; the points
-    (draws) can be a random subset (``num_points``) while q(z) stays the whole data set's.
+    Cost: one (points x D) by (D x N) matrix product for q(z), and points x N x D elementwise
+    log-densities for the marginals q(z_j), in chunks of ~4M elements, so N = 10,000 examples
+    of a 16-dim latent fit in ~16 MiB of scratch memory (1,000 points against 5,000 examples:
+    ~0.3 s on one CPU core). The points (draws) can be a random subset (``num_points``) while
+    q(z) stays the whole data set's.
 
     Args:
         mu, logvar: (N, latent_dim) posterior means and log-variances of the data set.
@@ -136,18 +138,30 @@ def kl_decomposition(
     z = mu[index] + torch.exp(0.5 * logvar[index]) * eps  # one draw of q(z | x_{n_i}) each
 
     log_n = math.log(count)
+    # The joint log q(z_i | x_m), summed over dimensions, is one matrix product (float64: the
+    # expanded square z^2/var - 2 z mu/var + mu^2/var cancels badly in float32 when |mu| >> sigma):
+    #   log q(z_i|x_m) = -1/2 sum_j z_ij^2 / var_mj + sum_j z_ij mu_mj / var_mj + c_m.
+    # The per-dimension densities are elementwise, laid out (points, D, N) so that the
+    # log-sum-exp over the N components runs along contiguous memory.
+    mu64, logvar64 = mu.double(), logvar.double()
+    inv_var = torch.exp(-logvar64)  # (N, D)
+    scaled_mu = mu64 * inv_var
+    constant = (-0.5 * (_LOG_2PI + logvar64) - 0.5 * mu64 * scaled_mu).sum(1)  # (N,)
+    mu_t, inv_var_t = mu.T.contiguous(), torch.exp(-logvar).T.contiguous()  # (D, N)
+    constant_t = (-0.5 * (_LOG_2PI + logvar)).T.contiguous()  # (D, N)
     chunk = max(1, _ELEMENT_BUDGET // (count * dims))
     mi_terms, tc_terms = [], []
     for start in range(0, z.shape[0], chunk):
-        zc = z[start : start + chunk, None, :]  # (c, 1, D) against all N components
-        log_q_dims = gaussian_log_density_per_dim(zc, mu[None], logvar[None])  # (c, N, D)
-        log_q = log_q_dims.sum(-1)  # (c, N): log q(z_i | x_m)
-        log_qz = torch.logsumexp(log_q, dim=1).double() - log_n  # (c,), float64 from here
-        log_qz_dims = (torch.logsumexp(log_q_dims, dim=1).double() - log_n).sum(-1)  # (c,)
+        zc = z[start : start + chunk]  # (c, D)
+        z64 = zc.double()
+        log_q = -0.5 * (z64.square() @ inv_var.T) + z64 @ scaled_mu.T + constant  # (c, N)
+        log_qz = torch.logsumexp(log_q, dim=1) - log_n  # (c,)
+        per_dim = (zc[:, :, None] - mu_t).square_().mul_(inv_var_t).mul_(-0.5).add_(constant_t)
+        log_qz_dims = (torch.logsumexp(per_dim, dim=2).double() - log_n).sum(-1)  # (c,)
         # The own component, read from the same matrix: then logsumexp >= it in floating point
         # too, and MI <= log N holds to the last bit.
         own = index[start : start + chunk]
-        log_qz_x = log_q[torch.arange(own.shape[0], device=device), own].double()
+        log_qz_x = log_q[torch.arange(own.shape[0], device=device), own]
         mi_terms.append(log_qz_x - log_qz)
         tc_terms.append(log_qz - log_qz_dims)
     mi_terms, tc_terms = torch.cat(mi_terms), torch.cat(tc_terms)
