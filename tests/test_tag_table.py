@@ -60,10 +60,20 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         return workdir / last_line(proc.stdout)
 
     found = {"vae": train("seed=1")}
-    found["iwae"] = train("model=iwae", "model.k=2")
-    found["beta_tcvae"] = train("model=beta_tcvae")
-    found["vampprior"] = train("model=vampprior", "model.num_pseudo_inputs=4")
-    found["ladder_vae"] = train("model=ladder_vae")
+    # The Gaussian VAE's variants in one process (a sweep), one job folder each.
+    variants = ("iwae", "beta_tcvae", "vampprior", "ladder_vae")
+    run_cli(
+        "vae-train",
+        "-m",
+        f"model={','.join(variants)}",
+        "name=variants",
+        *TINY,
+        *QUICK,
+        cwd=workdir,
+    )
+    for variant in variants:
+        (job,) = (workdir / "logs" / "variants").glob(f"multirun_*/*_model-{variant}*")
+        found[variant] = job
     found["vqvae"] = train("model=vqvae", "model.num_codes=16", "seed=1")
     found["vqvae_prior"] = train(
         "model=vqvae_prior",
