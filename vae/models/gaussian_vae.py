@@ -20,7 +20,7 @@ import torch
 from torchmetrics import Metric
 
 from vae.eval.epoch_statistics import ActiveUnits, KLDecompositionMetric, KLPerDimension
-from vae.losses import PixelLikelihood, compute_elbo, gaussian_kl, kl_regulariser
+from vae.losses import ELBOTerms, PixelLikelihood, compute_elbo, gaussian_kl, kl_regulariser
 from vae.models.base import LatentVariableModule, build_part
 from vae.nn import set_output_bias
 from vae.training import tags
@@ -149,6 +149,15 @@ class GaussianVAE(LatentVariableModule):
         kl = gaussian_kl(mu, logvar, validate=False)  # (B, D) nats
         recon = self.reconstruction_nll(params, x)
         terms = compute_elbo(recon, kl, self.regulariser, step, validate=False)
+        loss, scalars = self.loss_and_scalars(terms, mu, logvar)
+        self.update_epoch_statistics(mu, logvar, kl)
+        return loss, scalars
+
+    def loss_and_scalars(
+        self, terms: ELBOTerms, mu: torch.Tensor, logvar: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss (the ELBO terms' loss plus ``penalties``) and the scalars a Gaussian VAE
+        logs: loss, recon, kl, beta, elbo, the penalties and, where defined, bits/dim."""
         penalties = self.penalties(mu, logvar)
         loss = terms.loss + sum(penalties.values()) if penalties else terms.loss
         scalars = {
@@ -161,7 +170,6 @@ class GaussianVAE(LatentVariableModule):
         }
         if self.likelihood.reports_bits_per_dim:
             scalars["bits_per_dim"] = self.bits_per_dim(-terms.elbo)
-        self.update_epoch_statistics(mu, logvar, kl)
         return loss, scalars
 
     def update_epoch_statistics(

@@ -126,18 +126,7 @@ class VampPriorVAE(GaussianVAE):
         recon = reconstruction_nll_of_draws(self, self.decode(z), x).mean(1)
         # One "dimension" holding the whole KL: beta and capacity see the KL per example.
         terms = compute_elbo(recon, kl.unsqueeze(1), self.regulariser, step, validate=False)
-        penalties = self.penalties(mu, logvar)
-        loss = terms.loss + sum(penalties.values()) if penalties else terms.loss
-        scalars = {
-            "loss": loss,
-            "recon": terms.recon,
-            "kl": terms.kl,
-            "beta": terms.beta,
-            "elbo": terms.elbo,
-            **penalties,
-        }
-        if self.likelihood.reports_bits_per_dim:
-            scalars["bits_per_dim"] = self.bits_per_dim(-terms.elbo)
+        loss, scalars = self.loss_and_scalars(terms, mu, logvar)
         if not self.training:
             self.val_active_units.update(mu.detach())
             # MI and TC do not depend on the prior; the third term is then KL - MI - TC.
