@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Overrides for test runs of vae-train: the CPU, and no progress bar in captured output.
 QUICK = ["trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
+# vae-eval in seconds: 2 importance samples for 16 test examples, no sample scores.
+QUICK_EVAL = ["eval.k=2", "eval.limit=16", "eval.sample_scores=false", "eval.device=cpu"]
 # metrics.json entries that are timings; everything else repeats exactly between equal runs.
 TIMINGS = {tags.TRAIN_SAMPLES_PER_S}
 

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import QUICK, last_line, load_events, read_metrics, run_cli, scalar_series
+from tests.cli import (
+    QUICK,
+    QUICK_EVAL,
+    last_line,
+    load_events,
+    read_metrics,
+    run_cli,
+    scalar_series,
+)
 from vae.eval.nll import importance_weighted_bounds
 from vae.models.gaussian_vae import GaussianVAE
 from vae.models.iwae import IWAE
@@ -200,10 +208,7 @@ def test_vae_train_logs_the_bound_and_vae_eval_reads_the_run(tmp_path: Path):
     run_cli(
         "vae-eval",
         f"ckpt_path='{run_dir}'",
-        "eval.k=2",
-        "eval.limit=16",
-        "eval.sample_scores=false",
-        "eval.device=cpu",
+        *QUICK_EVAL,
         cwd=tmp_path,
     )
     assert read_metrics(run_dir)["test/nll_iw"] > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import QUICK, last_line, load_events, run_cli, scalar_series
+from tests.cli import QUICK, QUICK_EVAL, last_line, load_events, run_cli, scalar_series
 from vae.eval.nll import importance_weighted_bounds
 from vae.models.ladder_vae import LadderVAE, precision_weighted
 from vae.training import tags
@@ -129,10 +129,7 @@ def test_a_digits_run_logs_both_layers_and_evaluates(tmp_path):
     run_cli(
         "vae-eval",
         f"ckpt_path='{run_dir}'",
-        "eval.k=2",
-        "eval.limit=16",
-        "eval.sample_scores=false",
-        "eval.device=cpu",
+        *QUICK_EVAL,
         cwd=tmp_path,
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli import QUICK, last_line, load_events, run_cli
+from tests.cli import QUICK, QUICK_EVAL, last_line, load_events, run_cli
 from vae.eval.nll import importance_weighted_bounds
 from vae.losses import gaussian_kl
 from vae.models.vampprior import VampPriorVAE, log_mixture_density
@@ -147,10 +147,7 @@ def test_a_digits_run_trains_logs_and_evaluates(tmp_path):
     run_cli(
         "vae-eval",
         f"ckpt_path='{run_dir}'",
-        "eval.k=2",
-        "eval.limit=16",
-        "eval.sample_scores=false",
-        "eval.device=cpu",
+        *QUICK_EVAL,
         cwd=tmp_path,
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
