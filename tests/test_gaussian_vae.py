@@ -332,3 +332,32 @@ def test_output_bias_is_left_alone_when_switched_off_or_not_training():
         model.setup(stage)
         for key, value in model.decoder.state_dict().items():
             assert torch.equal(value, before[key])
+
+
+class _RecordsLearningRate(pl.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_cosine_lr_schedule_decays_to_zero_over_the_run_and_constant_keeps_it():
+    data = DataLoader(TensorDataset(torch.rand(40, 1, 8, 8).round()), batch_size=8)  # 5 steps
+    for schedule in ("constant", "cosine"):
+        model = GaussianVAE(
+            (1, 8, 8), hidden_dims=[16], latent_dim=2, lr=0.01, lr_schedule=schedule
+        )
+        model.optimizer_factory = lambda params: torch.optim.Adam(params, lr=0.01)
+        record = _RecordsLearningRate()
+        _guarded_trainer(2, callbacks=[record]).fit(model, data)
+        if schedule == "constant":
+            assert record.lrs == [0.01] * 10
+        else:  # lr_t = 0.01 * (1 + cos(pi t / 10)) / 2, before each of the 10 steps
+            expected = [0.01 * (1 + math.cos(math.pi * t / 10)) / 2 for t in range(10)]
+            assert record.lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_unknown_lr_schedule_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"model.lr_schedule='linear' is not known"):
+        GaussianVAE((1, 8, 8), lr_schedule="linear")

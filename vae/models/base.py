@@ -25,6 +25,8 @@ from vae.training import tags
 from vae.training.checkpoints import CHECKPOINT_FORMAT
 from vae.training.tensorboard import log_histogram, log_image_grid
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 def build_part(part: Any, **kwargs: Any) -> Any:
     """A model part from its config (a mapping with ``_target_``, as saved in the checkpoint's
@@ -45,13 +47,26 @@ class LatentVariableModule(pl.LightningModule):
         optimizer: a factory ``optimizer(params=...)`` or its config (Hydra ``_partial_``);
             None means Adam with lr 1e-3.
         num_images: images in ``val/reconstructions`` and ``val/samples``.
+        lr_schedule: ``constant`` keeps the optimizer's learning rate; ``cosine`` decays it to 0
+            over the run's optimizer steps (``trainer.max_epochs``), a half cosine stepped every
+            batch (``torch.optim.lr_scheduler.CosineAnnealingLR``).
     """
 
     guarded_terms: tuple[str, ...] = ()  # checked in this order when the loss is not finite
 
-    def __init__(self, optimizer: Callable | Mapping | None = None, num_images: int = 64):
+    def __init__(
+        self,
+        optimizer: Callable | Mapping | None = None,
+        num_images: int = 64,
+        lr_schedule: str = "constant",
+    ):
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"model.lr_schedule={lr_schedule!r} is not known; use one of {LR_SCHEDULES}"
+            )
         self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule
         self.num_images = num_images
         self.step_terms: Mapping[str, torch.Tensor] = {}  # this step's terms, for the guard
         self._val_images: torch.Tensor | None = None
@@ -77,8 +92,17 @@ class LatentVariableModule(pl.LightningModule):
     # --- the steps ---------------------------------------------------------------------------
     def configure_optimizers(self):
         if self.optimizer_factory is None:
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-        return build_part(self.optimizer_factory, params=self.parameters())
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        else:
+            optimizer = build_part(self.optimizer_factory, params=self.parameters())
+        if self.lr_schedule == "constant":
+            return optimizer
+        steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def training_step(self, batch, batch_idx):
         x = batch[0]

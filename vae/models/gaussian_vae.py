@@ -53,6 +53,8 @@ class GaussianVAE(LatentVariableModule):
             that the first steps learn structure instead of the average image. A resumed run
             keeps its checkpoint's bias.
         lr: read by the optimizer's config; kept here so that it is saved with the run.
+        lr_schedule: ``constant`` or ``cosine`` (to 0 over the run); see
+            ``LatentVariableModule``.
     """
 
     guarded_terms = ("recon", "kl")
@@ -76,10 +78,11 @@ class GaussianVAE(LatentVariableModule):
         free_bits: float = 0.0,
         init_output_bias: bool = True,
         lr: float = 1e-3,
+        lr_schedule: str = "constant",
         num_images: int = 64,
         optimizer: Part | None = None,
     ):
-        super().__init__(optimizer=optimizer, num_images=num_images)
+        super().__init__(optimizer=optimizer, num_images=num_images, lr_schedule=lr_schedule)
         self.save_hyperparameters(logger=False)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.latent_dim = int(latent_dim)
