@@ -7,7 +7,12 @@ The model and the data are rebuilt from the run's own ``.hydra/config.yaml`` (th
 is the parent of ``checkpoints/``), the weights come from the checkpoint, and the ``test/*``
 scalars (tags in ``vae.training.tags``) are added to the run's TensorBoard at the checkpoint's
 ``global_step`` (replacing an earlier evaluation at that step) and merged into its
-``metrics.json``. A missing or unreadable checkpoint or run config, or a run that another
+``metrics.json``.
+
+Started by ``torchrun --nproc_per_node=W --no-python vae-eval ...`` (or any launcher that sets
+``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``), the W processes share a VAE's
+importance sampling (``vae.eval.suite``: the same numbers as one process, up to the order of
+float64 sums); rank 0 holds the run's lock, writes and prints. A missing or unreadable checkpoint or run config, or a run that another
 process is writing (its writer lock), ends with one error line and exit code 2, before anything
 is written.
 
@@ -58,11 +63,43 @@ def check_eval_settings(settings: DictConfig) -> None:
         raise EvaluationError("\n  ".join(["invalid settings:", *problems]))
 
 
+def start_process_group() -> tuple[int, int]:
+    """(rank, world size): joins the ``torch.distributed`` group that torchrun's variables
+    describe (gloo, or nccl when CUDA is available), or (0, 1) when started alone."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_ranks_agree(ok: bool, world_size: int) -> bool:
+    """Whether ``ok`` holds on every process (True alone): rank 0's lock decides for all."""
+    if world_size == 1:
+        return ok
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def resolve_device(name: str):
+    import os
+
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -266,22 +303,34 @@ def evaluate(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         )
     ckpt, run_dir = locate_run(cfg.get("ckpt_path"))
     run_cfg = load_run_config(run_dir)
-    try:
-        lock = RunLock(run_dir).acquire()
-    except RunLockedError as err:
-        raise EvaluationError(str(err)) from None
+    rank, world_size = start_process_group()
+    lock, refused = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLockedError as err:
+            refused = err
+    if not all_ranks_agree(refused is None, world_size):
+        raise EvaluationError(str(refused or f"rank 0 could not take the lock of {run_dir}"))
     threads_note = apply_threads(threads)
     try:
-        return run_dir, evaluate_checkpoint(ckpt, run_dir, run_cfg, settings, threads_note)
+        return run_dir, evaluate_checkpoint(ckpt, run_dir, run_cfg, settings, threads_note, rank)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def evaluate_checkpoint(
-    ckpt: Path, run_dir: Path, run_cfg: DictConfig, settings: DictConfig, threads_note: str = ""
+    ckpt: Path,
+    run_dir: Path,
+    run_cfg: DictConfig,
+    settings: DictConfig,
+    threads_note: str = "",
+    rank: int = 0,
 ) -> dict[str, Any]:
     """The test/* numbers of ``ckpt``, written into ``run_dir`` at the checkpoint's step.
-    ``threads_note`` (the thread choice) is printed once the checkpoint is known to be good."""
+    ``threads_note`` (the thread choice) is printed once the checkpoint is known to be good.
+    Of several processes (``rank`` > 0), only rank 0 prints, scores samples and writes."""
     from vae.eval.suite import evaluate_split, evaluation_inputs
     from vae.training.checkpoints import CheckpointError, read_checkpoint
 
@@ -294,16 +343,17 @@ def evaluate_checkpoint(
     model, datamodule = build_model_and_data(run_cfg, checkpoint, ckpt, settings.data_root)
     del checkpoint
     model.to(device)
-    if threads_note:
+    if threads_note and rank == 0:
         print(f"vae-eval: {threads_note}", file=sys.stderr)
 
     limit = settings.limit
     images = evaluation_inputs(datamodule)[:limit]
-    print(
-        f"vae-eval: {type(model).__name__} at step {step}, {images.shape[0]} test examples "
-        f"of {getattr(datamodule, 'name', type(datamodule).__name__)}, device {device}",
-        file=sys.stderr,
-    )
+    if rank == 0:
+        print(
+            f"vae-eval: {type(model).__name__} at step {step}, {images.shape[0]} test examples "
+            f"of {getattr(datamodule, 'name', type(datamodule).__name__)}, device {device}",
+            file=sys.stderr,
+        )
     started = time.perf_counter()
     try:
         metrics = evaluate_split(
@@ -318,6 +368,8 @@ def evaluate_checkpoint(
         )
     except ValueError as err:
         raise EvaluationError(str(err)) from None
+    if rank > 0:
+        return metrics
     notes: list[str] = []
     if settings.sample_scores and getattr(model, "modality", "image") == "text":
         notes.append("vae-eval: no sample scores for text (they score images with a classifier)")
@@ -354,6 +406,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     except EvaluationError as err:
         print(f"vae-eval: error: {err}", file=sys.stderr)
         sys.exit(2)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank > 0:
+            return
     print(format_metrics(metrics))
     print(f"Written to {run_dir / 'metrics.json'} and its TensorBoard run. Run directory:")
     print(run_dir)

@@ -12,6 +12,14 @@ Plain functions over in-memory batches: ``vae-eval`` calls them, and so can a no
   that must not be written into a run.
 
 All likelihood terms are nats per example, averaged over the examples of the split.
+
+**Several processes.** When a ``torch.distributed`` process group is running (``torchrun
+--nproc_per_node=W --no-python vae-eval ...``), :func:`evaluate_split` gives each rank a
+contiguous run of the split's batches (:func:`shard_of_batches`) and the sums, active-unit
+moments and posteriors are gathered, so every rank returns the numbers one process computes
+on the whole split. The importance samples of batch b are drawn from a stream seeded by
+(``seed``, b) (:func:`batch_seed`), not by the position of b in a process's sequence, so the
+draws do not depend on how the split is shared; only the order of the float64 sums does.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from vae.eval.epoch_statistics import ActiveUnits, KLDecompositionMetric
@@ -35,7 +44,9 @@ from vae.losses import codebook_usage, perplexity
 from vae.training import tags
 
 __all__ = [
+    "batch_seed",
     "batches_of",
+    "shard_of_batches",
     "gaussian_vae_metrics",
     "sample_score_metrics",
     "evaluation_inputs",
@@ -55,8 +66,51 @@ def batches_of(images: Tensor, batch_size: int, device: torch.device | str | Non
         yield images[start : start + batch_size].to(device)
 
 
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of batch ``batch_index``'s random draws: distinct for every (seed, batch) pair
+    with seed < 2^31 and fewer than 2^32 batches."""
+    return (int(seed) << 32) | int(batch_index)
+
+
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size) of the running ``torch.distributed`` group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_of_batches(num_batches: int, rank: int, world_size: int) -> range:
+    """The batches of ``rank``: a contiguous block, the first ``num_batches % world_size``
+    ranks one batch longer, so that the ranks' blocks in rank order are the split in order."""
+    if num_batches < world_size:
+        raise ValueError(
+            f"{num_batches} batches cannot be shared by {world_size} processes: use fewer "
+            "processes or a smaller eval.batch_size."
+        )
+    base, extra = divmod(num_batches, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def seeded_batches(
+    images: Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    seed: int,
+    generator: torch.Generator,
+    batches: range,
+):
+    """Batches ``batches`` of ``images``; before each is yielded, ``generator`` and torch's
+    global stream (a density's dequantization noise) are reseeded by :func:`batch_seed`."""
+    for index in batches:
+        generator.manual_seed(batch_seed(seed, index))
+        torch.manual_seed(batch_seed(seed, index))
+        yield images[index * batch_size : (index + 1) * batch_size].to(device)
+
+
 class _Means:
-    """Running float64 sums of per-example values, for split means weighted by example."""
+    """Running float64 sums of per-example values, for split means weighted by example;
+    :meth:`gather` adds up the sums of every process."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -66,6 +120,17 @@ class _Means:
         for name, value in values.items():
             total = value.detach().double().sum(0)
             self.sums[name] = self.sums[name] + total if name in self.sums else total
+
+    def gather(self) -> None:
+        if distributed_world()[1] == 1:
+            return
+        count = torch.tensor(float(self.count), dtype=torch.float64)
+        dist.all_reduce(count)
+        self.count = int(count)
+        for name in sorted(self.sums):
+            total = self.sums[name].cpu() if dist.get_backend() == "gloo" else self.sums[name]
+            dist.all_reduce(total)
+            self.sums[name] = total
 
     def mean(self, name: str) -> Tensor:
         return self.sums[name] / self.count
@@ -104,6 +169,7 @@ def gaussian_vae_metrics(
     means = _Means()
     posterior_means = decomposition = None  # once the latent size is known
     decompose = getattr(model, "reports_kl_decomposition", True)
+    gather = distributed_world()[1] > 1  # every process has at least one batch (shard_of_batches)
     for x in batches:
         bounds = importance_weighted_bounds(model, x, k, chunk_size, generator)
         means.count += x.shape[0]
@@ -111,10 +177,10 @@ def gaussian_vae_metrics(
         if bounds.kl_per_dim is not None:
             means.add(kl_per_dim=bounds.kl_per_dim)
         mu, logvar = model.encode(x)
-        if posterior_means is None:  # this process's split only: no sync across processes
-            posterior_means = ActiveUnits(mu.shape[1], sync_on_compute=False).to(mu.device)
+        if posterior_means is None:  # gathered from every process of a shared evaluation
+            posterior_means = ActiveUnits(mu.shape[1], sync_on_compute=gather).to(mu.device)
             decomposition = KLDecompositionMetric(
-                mu.shape[1], num_points=10_000, sync_on_compute=False
+                mu.shape[1], num_points=10_000, sync_on_compute=gather
             ).to(mu.device)
         posterior_means.update(mu)
         if decompose:  # the closed-form KL against N(0, I) where it exists, else the model's
@@ -123,6 +189,7 @@ def gaussian_vae_metrics(
             progress(means.count)
     if means.count == 0:
         raise ValueError("batches is empty: there is nothing to evaluate.")
+    means.gather()
     per_dim = "kl_per_dim" in means.sums
     kl_per_dim = means.mean("kl_per_dim") if per_dim else None
     where_kl_goes = decomposition.compute() if decompose and means.count >= 2 else None
@@ -313,33 +380,52 @@ def evaluate_split(
     its exp, per token).
     ``progress(label, total)`` may return a callback that is told the examples done so far.
     The model should be in eval mode; ``seed`` keys the importance samples and, for a density
-    on dequantized pixels, the dequantization noise.
+    on dequantized pixels, the dequantization noise, batch by batch (:func:`batch_seed`).
+    Inside a ``torch.distributed`` group a Gaussian VAE's split is shared by the processes
+    (module docstring); the other models are refused there.
     """
-    batches = batches_of(images, batch_size, device)
+    rank, world_size = distributed_world()
     total = images.shape[0]
 
-    def report(label: str) -> Progress | None:
-        return progress(label, total) if progress is not None else None
+    def report(label: str, examples: int = total) -> Progress | None:
+        return progress(label, examples) if progress is not None and rank == 0 else None
 
     torch.manual_seed(seed)
+    batches = batches_of(images, batch_size, device)
     if getattr(model, "modality", "image") == "text" and not hasattr(model, "encode"):
-        return text_lm_metrics(model, batches, report("nll"))
-    if hasattr(model, "prior") and hasattr(model, "vqvae"):
-        return vqvae_prior_metrics(model, batches, report("prior"))
-    if hasattr(model, "encode_indices") and hasattr(model, "num_codes"):
-        return vqvae_metrics(model, batches, report("codes"))
-    if all(hasattr(model, m) for m in ("encode", "decode", "reconstruction_nll")):
-        generator = torch.Generator(device=device).manual_seed(seed)
-        metrics = gaussian_vae_metrics(
-            model, batches, k, chunk_size, generator, report(f"nll_iw k={k}")
+        kind = "language model"
+    elif hasattr(model, "prior") and hasattr(model, "vqvae"):
+        kind = "prior"
+    elif hasattr(model, "encode_indices") and hasattr(model, "num_codes"):
+        kind = "vqvae"
+    elif all(hasattr(model, m) for m in ("encode", "decode", "reconstruction_nll")):
+        kind = "vae"
+    else:
+        raise ValueError(f"no test metrics are defined for a {type(model).__name__}.")
+    if world_size > 1 and kind != "vae":
+        raise ValueError(
+            f"a {type(model).__name__} is evaluated in one process: only a VAE's importance "
+            "sampling is shared across processes; run vae-eval without torchrun."
         )
-        if getattr(model, "modality", "image") == "text":  # a sentence VAE: ids padded with 0
-            predicted = float(((images != 0).sum(dim=1) - 1).sum())
-            total_nll = metrics[tags.TEST_NLL_IW] * metrics[tags.TEST_NUM_EXAMPLES]
-            metrics[tags.TEST_NLL_PER_TOKEN] = total_nll / predicted
-            metrics[tags.TEST_PERPLEXITY] = math.exp(total_nll / predicted)
-        return metrics
-    raise ValueError(f"no test metrics are defined for a {type(model).__name__}.")
+    if kind == "language model":
+        return text_lm_metrics(model, batches, report("nll"))
+    if kind == "prior":
+        return vqvae_prior_metrics(model, batches, report("prior"))
+    if kind == "vqvae":
+        return vqvae_metrics(model, batches, report("codes"))
+    shard = shard_of_batches(math.ceil(total / batch_size), rank, world_size)
+    generator = torch.Generator(device=device)
+    batches = seeded_batches(images, batch_size, device, seed, generator, shard)
+    own = min(shard.stop * batch_size, total) - shard.start * batch_size
+    metrics = gaussian_vae_metrics(
+        model, batches, k, chunk_size, generator, report(f"nll_iw k={k}", own)
+    )
+    if getattr(model, "modality", "image") == "text":  # a sentence VAE: ids padded with 0
+        predicted = float(((images != 0).sum(dim=1) - 1).sum())
+        total_nll = metrics[tags.TEST_NLL_IW] * metrics[tags.TEST_NUM_EXAMPLES]
+        metrics[tags.TEST_NLL_PER_TOKEN] = total_nll / predicted
+        metrics[tags.TEST_PERPLEXITY] = math.exp(total_nll / predicted)
+    return metrics
 
 
 # A label KL is +inf by definition when a class is never generated; every other test number is
