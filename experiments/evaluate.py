@@ -7,14 +7,14 @@ The model and the data are rebuilt from the run's own ``.hydra/config.yaml`` (th
 is the parent of ``checkpoints/``), the weights come from the checkpoint, and the ``test/*``
 scalars (tags in ``vae.training.tags``) are added to the run's TensorBoard at the checkpoint's
 ``global_step`` (replacing an earlier evaluation at that step) and merged into its
-``metrics.json``.
+``metrics.json``. A missing or unreadable checkpoint or run config, or a run that another
+process is writing (its writer lock), ends with one error line and exit code 2, before anything
+is written.
 
 Started by ``torchrun --nproc_per_node=W --no-python vae-eval ...`` (or any launcher that sets
 ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``), the W processes share a VAE's
 importance sampling (``vae.eval.suite``: the same numbers as one process, up to the order of
-float64 sums); rank 0 holds the run's lock, writes and prints. A missing or unreadable checkpoint or run config, or a run that another
-process is writing (its writer lock), ends with one error line and exit code 2, before anything
-is written.
+float64 sums); rank 0 holds the run's lock, writes and prints.
 
 This file only wires; the metrics are plain functions in ``vae.eval``.
 """
