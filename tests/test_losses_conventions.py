@@ -61,6 +61,13 @@ CONVENTIONS = {
     "gaussian_nll": ("loss", True),
     "laplace_nll": ("loss", True),
     "PixelLikelihood": ("loss", False),  # the model's recon term: nats
+    "discretized_logistic_nll": ("loss", True),
+    "discretized_gaussian_nll": ("loss", True),
+    "discretized_logistic_mixture_nll": ("loss", True),
+    "discretized_bin_log_probs": (None, False),  # log-masses, nats (a table for inspection)
+    "discretized_mean": (None, False),  # a pixel value
+    "discretized_sample": (None, False),
+    "DISCRETIZED_LIKELIHOODS": (None, False),
     "bits_per_dim": (None, False),  # bits by definition
     "uniform_dequantize": (None, False),
     "CONTINUOUS_LIKELIHOODS": (None, False),
@@ -247,6 +254,10 @@ def test_spreads_have_one_name_per_parameterisation_across_the_api():
         ("gaussian_kl", "logvar"),
         ("gaussian_kl", "prior_logvar"),
         ("gaussian_nll", "logvar"),
+        ("discretized_gaussian_nll", "logvar"),
+        ("discretized_bin_log_probs", "logvar"),
+        ("discretized_mean", "logvar"),
+        ("discretized_sample", "logvar"),
         ("kl_decomposition", "logvar"),
         ("minibatch_log_densities", "logvar"),
     }
@@ -277,6 +288,7 @@ def test_one_logvar_means_one_gaussian_in_the_kl_and_in_the_likelihood():
 _P, _Q = CAT_A.probs, CAT_B.probs
 _X = torch.rand(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 _M = torch.rand(3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+_GRID = torch.round(_X * 16) / 16  # _X on the grid of 17 levels
 
 UNIT_CALLS = {
     "gaussian_kl": lambda unit: gaussian_kl(_M, _X, unit=unit),
@@ -291,6 +303,15 @@ UNIT_CALLS = {
     "bernoulli_nll": lambda unit: bernoulli_nll(_M, _X, unit=unit),
     "gaussian_nll": lambda unit: gaussian_nll(_M, _X, logvar=-1.0, unit=unit),
     "laplace_nll": lambda unit: laplace_nll(_M, _X, log_scale=-1.0, unit=unit),
+    "discretized_logistic_nll": lambda unit: losses.discretized_logistic_nll(
+        _M, _GRID, log_scale=-1.0, levels=17, unit=unit
+    ),
+    "discretized_gaussian_nll": lambda unit: losses.discretized_gaussian_nll(
+        _M, _GRID, logvar=-1.0, levels=17, unit=unit
+    ),
+    "discretized_logistic_mixture_nll": lambda unit: losses.discretized_logistic_mixture_nll(
+        torch.cat([_M, _X, -_M]).reshape(3, 3, 4).transpose(0, 1), _GRID, levels=17, unit=unit
+    ),
     "kl_decomposition": lambda unit: torch.stack(
         [
             torch.as_tensor(v).flatten()[0]

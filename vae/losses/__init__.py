@@ -24,7 +24,8 @@ Conventions, one rule each for the whole public API
    (samples from q) are KL(q || p).
    A loss that scores a prediction against data takes ``(prediction, target)``, the
    ``(input, target)`` of every ``torch.nn`` loss: ``bernoulli_nll(logits, target)``,
-   ``gaussian_nll(mean, target)``, ``laplace_nll(loc, target)``,
+   ``gaussian_nll(mean, target)``, ``laplace_nll(loc, target)``, the discretised
+   ``discretized_logistic_nll(loc, target)`` and its siblings,
    ``PixelLikelihood(...)(params, target)`` and ``KLDivergence(...)(predicted=...,
    target=...)``, which is KL(target || predicted) like :class:`torch.nn.KLDivLoss`. Its two
    tensors are keyword-only: they used to be positional as (target, predicted).
@@ -65,6 +66,15 @@ from vae.losses.decomposition import (
     KLDecomposition,
     kl_decomposition,
     minibatch_log_densities,
+)
+from vae.losses.discretized import (
+    DISCRETIZED_LIKELIHOODS,
+    discretized_bin_log_probs,
+    discretized_gaussian_nll,
+    discretized_logistic_mixture_nll,
+    discretized_logistic_nll,
+    discretized_mean,
+    discretized_sample,
 )
 from vae.losses.elbo import (
     REGULARISER_KINDS,
@@ -141,6 +151,14 @@ __all__ = [
     "LIKELIHOODS",
     "PixelLikelihood",
     "get_likelihood",
+    # discretized: probability masses of L-level pixels (PixelCNN++'s bins)
+    "discretized_logistic_nll",
+    "discretized_gaussian_nll",
+    "discretized_logistic_mixture_nll",
+    "discretized_bin_log_probs",
+    "discretized_mean",
+    "discretized_sample",
+    "DISCRETIZED_LIKELIHOODS",
     # schedules
     "Schedule",
     "ConstantBeta",

@@ -27,6 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vae.losses.deprecation import old_spellings
+from vae.losses.discretized import (
+    DISCRETIZED_LIKELIHOODS,
+    check_on_grid,
+    discretized_gaussian_nll,
+    discretized_logistic_mixture_nll,
+    discretized_logistic_nll,
+    discretized_mean,
+    discretized_sample,
+    require_levels,
+)
 from vae.losses.validation import (
     broadcast_shape,
     check_all_finite,
@@ -233,13 +243,8 @@ def bits_per_dim(
     return bits + math.log2(levels)
 
 
-def _require_levels(fn: str, levels: object) -> int:
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(
-            f"{fn}: argument 'dequantization_levels' must be an int >= 2 (the number of "
-            f"intensity levels of the data, e.g. 256 for 8-bit pixels), got {levels!r}"
-        )
-    return levels
+def _require_levels(fn: str, levels: object, name: str = "dequantization_levels") -> int:
+    return require_levels(fn, levels, name)
 
 
 def uniform_dequantize(
@@ -262,7 +267,7 @@ def uniform_dequantize(
     """
     fn = "uniform_dequantize"
     require_tensor(fn, "x", x)
-    levels = _require_levels(fn, levels)
+    levels = _require_levels(fn, levels, "levels")
     k = torch.round(x * (levels - 1))
     u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     return (k + u) / levels
@@ -274,9 +279,13 @@ LIKELIHOODS: dict[str, Likelihood] = {
     "bernoulli": bernoulli_nll,
     "gaussian": gaussian_nll,
     "laplace": laplace_nll,
+    "discretized_logistic": discretized_logistic_nll,
+    "discretized_gaussian": discretized_gaussian_nll,
+    "discretized_logistic_mixture": discretized_logistic_mixture_nll,
 }
 """Registry of reconstruction NLLs by config name; each maps (prediction, target) -> (B,) and
-takes its spread, if any, by keyword (``logvar``, ``log_scale``)."""
+takes its spread, if any, by keyword (``logvar``, ``log_scale``); the discretised ones
+(:mod:`vae.losses.discretized`) also take ``levels``."""
 
 CONTINUOUS_LIKELIHOODS = frozenset({"gaussian", "laplace"})
 """Likelihoods that are densities: on discrete pixels they need :func:`uniform_dequantize` and
@@ -308,6 +317,14 @@ class PixelLikelihood(torch.nn.Module):
       y = (k + u) / L with fresh u at every call (:func:`uniform_dequantize`), so that
       :meth:`bits_per_dim` = nll / (D ln 2) + log2 L bounds the bits/dim of the discrete
       pixels and compares with the literature.
+    * ``discretized_logistic`` / ``discretized_gaussian`` / ``discretized_logistic_mixture``
+      (:mod:`vae.losses.discretized`): probability masses of the L = ``data_levels`` bins,
+      so no dequantisation and :meth:`bits_per_dim` = nll / (D ln 2) with no offset;
+      ``data_levels`` is required. The decoder gives every parameter per pixel:
+      :attr:`params_per_channel` values per image channel, parameter-major: a (B, P * C, H, W)
+      output is read as (B, P, C, H, W), so output channel p * C + c is parameter p of image
+      channel c. P = 2 (location, log scale; the Gaussian's log sigma) or 3K for K mixture
+      components (K logits, K locations, K log scales). ``sigma`` is unused.
 
     Args:
         name: a key of :data:`LIKELIHOODS`.
@@ -318,7 +335,13 @@ class PixelLikelihood(torch.nn.Module):
         learn_sigma: learn log sigma as a parameter.
         data_levels: distinct pixel values of the data (2 when binarized, 17 for the digits,
             256 for 8-bit images), or None when unknown (then no bits/dim is reported).
+        num_mixtures: K, components of ``discretized_logistic_mixture`` per pixel.
     """
+
+    INITIAL_LOG_SCALE = math.log(0.1)
+    """The log scale a discretised likelihood's decoder starts from (:meth:`params_for_mean`):
+    s = 0.1 of the [0, 1] range, a logistic of standard deviation 0.18, broad enough that no
+    pixel of the data starts with a vanishing probability."""
 
     def __init__(
         self,
@@ -328,22 +351,70 @@ class PixelLikelihood(torch.nn.Module):
         sigma: float = 1.0,
         learn_sigma: bool = False,
         data_levels: int | None = None,
+        num_mixtures: int = 5,
     ):
         super().__init__()
         self.nll_function = get_likelihood(name)
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
             raise ValueError(f"PixelLikelihood: argument 'sigma' must be > 0, got {sigma!r}")
         if data_levels is not None:
-            _require_levels("PixelLikelihood", data_levels)
+            _require_levels("PixelLikelihood", data_levels, "data_levels")
+        self.discretized = name in DISCRETIZED_LIKELIHOODS
+        if self.discretized and data_levels is None:
+            raise ValueError(
+                f"PixelLikelihood: likelihood {name!r} needs 'data_levels', the number of pixel "
+                f"levels of the data (its DataModule's num_levels: 17 for the digits, 256 for "
+                f"8-bit images), got None"
+            )
+        if self.discretized and learn_sigma:
+            raise ValueError(
+                f"PixelLikelihood: argument 'learn_sigma' is for gaussian/laplace; {name!r} "
+                f"learns a scale per pixel from the decoder: set learn_sigma=false"
+            )
+        if isinstance(num_mixtures, bool) or not isinstance(num_mixtures, int) or num_mixtures < 1:
+            raise ValueError(
+                f"PixelLikelihood: argument 'num_mixtures' must be a positive int, got "
+                f"{num_mixtures!r}"
+            )
         self.name = name
         self.num_dims = num_dims
+        self.channels = channels
         self.data_levels = data_levels
+        self.num_mixtures = num_mixtures
         self.dequantization_levels = data_levels if name in CONTINUOUS_LIKELIHOODS else None
         log_sigma = torch.full((channels, 1, 1), math.log(sigma))
         if learn_sigma:
             self.log_sigma = torch.nn.Parameter(log_sigma)
         else:
             self.register_buffer("log_sigma", log_sigma)
+
+    @property
+    def params_per_channel(self) -> int:
+        """P, the decoder's output channels per image channel: 1 (logits or location), 2 for
+        a discretised logistic / Gaussian (location, log scale), 3K for the mixture."""
+        if self.name == "discretized_logistic_mixture":
+            return 3 * self.num_mixtures
+        return 2 if self.discretized else 1
+
+    def _unpack(self, params: Tensor) -> Tensor:
+        """(B, P * C, *spatial) -> (B, P, C, *spatial), or a ValueError if the decoder's
+        output does not have this likelihood's P * C channels."""
+        expected = self.params_per_channel * self.channels
+        if params.dim() < 2 or params.shape[1] != expected:
+            raise ValueError(
+                f"PixelLikelihood: likelihood {self.name!r} needs {self.params_per_channel} "
+                f"decoder output channel(s) per image channel, {expected} in all, but the "
+                f"parameters have shape {tuple(params.shape)}; build the decoder with "
+                f"params_per_channel * C output channels"
+            )
+        return params.unflatten(1, (self.params_per_channel, self.channels))
+
+    def _spread(self, packed: Tensor) -> dict[str, Tensor]:
+        """The single-component spread keyword of a discretised likelihood, from its packed
+        parameters' log scale (log s; log sigma for the Gaussian)."""
+        if self.name == "discretized_gaussian":
+            return {"logvar": 2 * packed[:, 1]}
+        return {"log_scale": packed[:, 1]}
 
     @old_spellings("likelihood(params, target)", renamed={"x": "target"})
     def forward(self, params: Tensor, target: Tensor) -> Tensor:
@@ -352,6 +423,15 @@ class PixelLikelihood(torch.nn.Module):
         Always nats: it is the model's reconstruction term, added to a KL in nats.
         """
         params = params if params.dtype in (torch.float32, torch.float64) else params.float()
+        if self.discretized:
+            # The data's own grid, checked always: a target of another depth (or dequantised)
+            # is refused here rather than silently rounded to a level.
+            check_on_grid(f"PixelLikelihood({self.name!r})", target, self.data_levels)
+            packed = self._unpack(params)
+            levels = {"levels": self.data_levels, "validate": False}
+            if self.name == "discretized_logistic_mixture":  # packed is (B, 3K, C, H, W)
+                return self.nll_function(packed, target, **levels)
+            return self.nll_function(packed[:, 0], target, **self._spread(packed), **levels)
         if self.name == "bernoulli":
             return self.nll_function(params, target, validate=False)
         if self.dequantization_levels is not None:
@@ -363,14 +443,55 @@ class PixelLikelihood(torch.nn.Module):
         return self.nll_function(params, target, **spread, validate=False)
 
     def mean(self, params: Tensor) -> Tensor:
-        """E[x | params] for display: sigmoid(logits) for Bernoulli, the location otherwise."""
+        """E[x | params] for display: sigmoid(logits) for Bernoulli, the location for
+        Gaussian/Laplace, and for a discretised likelihood its mean in the data range
+        (:func:`vae.losses.discretized.discretized_mean`, within half a level of E[x])."""
+        if self.discretized:
+            return self._discretized(discretized_mean, params)
         return torch.sigmoid(params) if self.name == "bernoulli" else params
 
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One draw of x | params, in the data's range: Bernoulli draws, the location plus
+        noise of the fixed scale (a density's draw, not on the pixel grid), or an exact draw
+        of the discretised likelihood on the grid k / (L-1)."""
+        if self.discretized:
+            return self._discretized(discretized_sample, params, generator=generator)
+        if self.name == "bernoulli":
+            return torch.bernoulli(torch.sigmoid(params), generator=generator)
+        if self.name == "gaussian":
+            noise = torch.randn(
+                params.shape, generator=generator, dtype=params.dtype, device=params.device
+            )
+        else:  # Laplace(0, 1) by inversion: -sign(u) log(1 - 2|u|), u ~ U(-1/2, 1/2)
+            u = torch.rand(
+                params.shape, generator=generator, dtype=params.dtype, device=params.device
+            )
+            noise = -(u - 0.5).sign() * torch.log1p(-2 * (u - 0.5).abs())
+        return params + torch.exp(self.log_sigma) * noise
+
+    def _discretized(self, function: Callable[..., Tensor], params: Tensor, **kwargs) -> Tensor:
+        packed = self._unpack(params.float() if params.dtype != torch.float64 else params)
+        if self.name == "discretized_logistic_mixture":
+            return function(self.name, packed, levels=self.data_levels, **kwargs)
+        return function(
+            self.name, packed[:, 0], levels=self.data_levels, **self._spread(packed), **kwargs
+        )
+
     def params_for_mean(self, mean: Tensor, margin: float = 1e-3) -> Tensor:
-        """The inverse of :meth:`mean`: the parameters whose mean is ``mean`` (in [0, 1]), the
-        logit for Bernoulli and the location otherwise. For initialising a decoder's output
-        bias at the data's pixel means; the mean is kept in [margin, 1 - margin] first, so that
-        a pixel that is 0 in every training image starts at logit(0.001) = -6.9, not -inf."""
+        """The parameters (P * C, H, W) whose mean is about ``mean`` (C, H, W), in [0, 1], for
+        initialising a decoder's output bias at the data's pixel means: the logit for
+        Bernoulli (the mean kept in [margin, 1 - margin] first, so that a pixel that is 0 in
+        every training image starts at logit(0.001) = -6.9, not -inf), the location
+        otherwise. A discretised likelihood's log scales start at :attr:`INITIAL_LOG_SCALE`,
+        and a mixture's logits at 0 (equal weights), every component at the mean."""
+        if self.discretized:
+            log_scale = torch.full_like(mean, self.INITIAL_LOG_SCALE)
+            if self.name == "discretized_logistic_mixture":
+                k = self.num_mixtures
+                parts = [torch.zeros_like(mean)] * k + [mean] * k + [log_scale] * k
+            else:
+                parts = [mean, log_scale]
+            return torch.cat(parts, dim=0)
         if self.name != "bernoulli":
             return mean
         return torch.logit(mean.clamp(margin, 1 - margin))
@@ -380,7 +501,7 @@ class PixelLikelihood(torch.nn.Module):
         """Whether :meth:`bits_per_dim` has a number comparable with papers."""
         if self.data_levels is None:
             return False
-        return self.dequantization_levels is not None or self.data_levels == 2
+        return self.discretized or self.dequantization_levels is not None or self.data_levels == 2
 
     def bits_per_dim(self, nll: Tensor | float) -> Tensor | float | None:
         """``nll`` (nats per example) as bits per dimension (see the class docstring), or None."""

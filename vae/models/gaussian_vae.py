@@ -42,16 +42,21 @@ class GaussianVAE(LatentVariableModule):
         regulariser: the KL penalty (``vae.losses.KLRegulariser``) or its config; None: built
             from ``kl_schedule``, ``beta`` and ``free_bits`` by ``vae.losses.kl_regulariser``.
         latent_dim: D, the size of z.
-        likelihood, sigma, learn_sigma: see ``vae.losses.PixelLikelihood``.
-        data_levels: distinct pixel values of the data (the DataModule's ``num_levels``).
+        likelihood, sigma, learn_sigma, num_mixtures: see ``vae.losses.PixelLikelihood``;
+            the decoder outputs ``params_per_channel`` channels per image channel (2 for
+            ``discretized_logistic`` / ``discretized_gaussian``, 3 * num_mixtures for
+            ``discretized_logistic_mixture``, else 1).
+        data_levels: distinct pixel values of the data (the DataModule's ``num_levels``);
+            the discretised likelihoods have one bin per level and need it.
         arch, hidden_dims, logvar_clamp, kl_schedule, beta, free_bits: shorthands for the parts
             above, used when a part is not given (the Hydra config interpolates them into the
             parts, so ``model.beta=4`` works from the command line).
         init_output_bias: at the start of training, set the decoder's output bias to the
             parameters of the training split's mean image (``PixelLikelihood.params_for_mean``:
-            the logit of each pixel's mean for Bernoulli), as Burda et al.'s IWAE code does, so
-            that the first steps learn structure instead of the average image. A resumed run
-            keeps its checkpoint's bias.
+            the logit of each pixel's mean for Bernoulli; for a discretised likelihood the
+            locations at the mean and the log scales at ``PixelLikelihood.INITIAL_LOG_SCALE``),
+            as Burda et al.'s IWAE code does, so that the first steps learn structure instead
+            of the average image. A resumed run keeps its checkpoint's bias.
         lr: read by the optimizer's config; kept here so that it is saved with the run.
         lr_schedule: ``constant`` or ``cosine`` (to 0 over the run); see
             ``LatentVariableModule``.
@@ -70,6 +75,7 @@ class GaussianVAE(LatentVariableModule):
         sigma: float = 1.0,
         learn_sigma: bool = False,
         data_levels: int | None = None,
+        num_mixtures: int = 5,
         arch: str = "mlp",
         hidden_dims: Sequence[int] = (256, 128),
         logvar_clamp: Sequence[float] | None = None,
@@ -91,22 +97,30 @@ class GaussianVAE(LatentVariableModule):
             encoder or {"_target_": "vae.nn.build_encoder", **net, "logvar_clamp": logvar_clamp},
             input_shape=self.image_shape,
         )
-        self.decoder = build_part(
-            decoder or {"_target_": "vae.nn.build_decoder", **net}, output_shape=self.image_shape
-        )
-        if regulariser is None:
-            regulariser = kl_regulariser(kl_schedule, beta=beta, free_bits=free_bits)
-        elif isinstance(regulariser, Mapping):
-            regulariser = build_part(regulariser)
-        self.regulariser = regulariser
-        self.likelihood = PixelLikelihood(
+        # Built first for its parameter count, registered after the decoder and the regulariser
+        # as before, so that parameters (and the optimizer state of checkpoints) keep their order.
+        pixel_likelihood = PixelLikelihood(
             likelihood,
             num_dims=math.prod(self.image_shape),
             channels=self.image_shape[0],
             sigma=sigma,
             learn_sigma=learn_sigma,
             data_levels=data_levels,
+            num_mixtures=num_mixtures,
         )
+        # The decoder outputs the likelihood's parameters: P per image channel (1 for
+        # Bernoulli/Gaussian/Laplace, 2 or 3K for the discretised ones), parameter-major.
+        channels, *spatial = self.image_shape
+        self.decoder = build_part(
+            decoder or {"_target_": "vae.nn.build_decoder", **net},
+            output_shape=(pixel_likelihood.params_per_channel * channels, *spatial),
+        )
+        if regulariser is None:
+            regulariser = kl_regulariser(kl_schedule, beta=beta, free_bits=free_bits)
+        elif isinstance(regulariser, Mapping):
+            regulariser = build_part(regulariser)
+        self.regulariser = regulariser
+        self.likelihood = pixel_likelihood
         # Fixed prior draws, so that val/samples shows the same z across epochs.
         generator = torch.Generator().manual_seed(1234)
         self.register_buffer(
@@ -130,7 +144,8 @@ class GaussianVAE(LatentVariableModule):
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The likelihood's parameters: Bernoulli logits or the Gaussian/Laplace location."""
+        """The likelihood's parameters, (B, P * C, H, W): Bernoulli logits, the Gaussian/Laplace
+        location, or a discretised likelihood's parameters (``PixelLikelihood``)."""
         return self.decoder(z)
 
     def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
