@@ -1,10 +1,14 @@
-"""VQ-VAE (van den Oord et al. 2017): conv encoder, vector quantizer, conv decoder.
+"""VQ-VAE (van den Oord et al. 2017): conv encoder, quantizer, conv decoder.
 
     z_e = encoder(x)             (B, D, h, w), continuous
-    e   = quantize(z_e)          nearest of K codes at each of the h*w positions
+    e   = quantize(z_e)          one of K codes at each of the h*w positions
     loss = recon + vq_loss,  recon = -log p(x | e),  vq_loss = codebook + beta * commitment
 
 recon is in nats per example; vq_loss in squared latent units per example (``vae.losses.vq``).
+The quantizer is injected (``conf/model/quantizer/``): ``vae.nn.VectorQuantizer`` (nearest of K
+learned codes) or ``vae.nn.FiniteScalarQuantizer`` (FSQ: each of D bounded channels rounded to
+L_i levels, K = prod L_i implicit codes, vq_loss = 0). Either returns a ``QuantizerOutput`` with
+the code indices, and K and D are read from it, so everything below is the same for both.
 With a uniform prior over the codes the KL term of the ELBO is a constant, the rate
 h * w * log K nats (``train/kl``, ``val/kl``), so ``val/elbo = -(recon + kl)`` and
 ``val/bits_per_dim`` put this model on the same axes as the Gaussian VAE. A learned prior over
@@ -76,7 +80,9 @@ class VQVAE(LatentVariableModule):
         ema, decay, eps, dead_code_threshold, restart_dead_codes, kmeans_init, kmeans_iters:
             see ``vae.nn.VectorQuantizer``; used when ``quantizer`` is not given.
         quantizer: ``quantizer(code_dim=...)`` -> the quantizer module, as a config with
-            ``_target_`` or a factory (``conf/model/vqvae.yaml`` interpolates the keys above).
+            ``_target_`` or a factory: ``conf/model/quantizer/vq.yaml`` (interpolates the keys
+            above) or ``fsq.yaml`` (``vae.nn.FiniteScalarQuantizer``, which checks that
+            code_dim = len(levels)). None: a ``VectorQuantizer`` from the keys above.
         num_res_blocks, res_hidden: the residual stacks of encoder and decoder.
         likelihood: ``bernoulli`` (logits) or ``gaussian`` / ``laplace`` (location, fixed scale
             ``sigma``).
@@ -141,7 +147,7 @@ class VQVAE(LatentVariableModule):
         }
         self.quantizer = build_part(quantizer or default_quantizer, code_dim=self.code_dim)
         self.grid_shape = self.encoder.grid_shape
-        self.num_codes = self.quantizer.num_codes
+        self.num_codes = self.quantizer.num_codes  # K: the histogram's bins, the prior's vocabulary
         self.likelihood = PixelLikelihood(
             likelihood,
             num_dims=math.prod(self.image_shape),
@@ -154,7 +160,7 @@ class VQVAE(LatentVariableModule):
 
     # --- the model ---------------------------------------------------------------------------
     def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """The code grid (B, h, w) of ``x``: the nearest code at each position."""
+        """The code grid (B, h, w) of ``x``: the index of the chosen code at each position."""
         return self.quantizer(self.encoder(x)).indices
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:

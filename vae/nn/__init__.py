@@ -1,5 +1,5 @@
 """Networks: MLP / conv encoders and decoders for any image shape (C, H, W), the Gaussian
-encoder head, and the VQ-VAE encoder/decoder with residual stacks.
+encoder head, the VQ-VAE encoder/decoder with residual stacks, and its two quantizers.
 
 Decoders return raw outputs (logits or means, no final activation). ``hidden_dims`` is
 always given in encoder order; decoders mirror it.
@@ -15,6 +15,7 @@ from vae.nn.blocks import (
 )
 from vae.nn.build import build_decoder, build_encoder, set_output_bias
 from vae.nn.conv import ConvDecoder, ConvEncoder
+from vae.nn.fsq import FiniteScalarQuantizer
 from vae.nn.gaussian import GaussianEncoder
 from vae.nn.mlp import MLPDecoder, MLPEncoder
 from vae.nn.prior import CodePrior
@@ -45,8 +46,9 @@ __all__ = [
     "downsampled_shape",
     "make_activation",
     "spatial_sizes",
-    # vector quantizer and the prior over its codes
+    # quantizers (vector, finite scalar) and the prior over their codes
     "CodePrior",
+    "FiniteScalarQuantizer",
     "QuantizerOutput",
     "VectorQuantizer",
     "ema_codebook_update",
