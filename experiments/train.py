@@ -91,7 +91,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from vae.training import tags
-    from vae.training.callbacks import RunInterrupted
+    from vae.training.callbacks import RunInterrupted, SlurmRequeue
     from vae.training.checkpoints import (
         AtomicCheckpointIO,
         check_compatible,
@@ -102,8 +102,10 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
     from vae.training.config import apply_aliases, config_errors, validate_config
     from vae.training.runs import (
         config_subdir,
+        ddp_children_run_this_job,
         keep_newer_checkpoint,
         record_latest_config,
+        requeued_checkpoint,
         resumed_run_dir,
         write_metrics,
     )
@@ -123,7 +125,9 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         if not getattr(datamodule, "download", False):
             datamodule.setup("fit")
         model = build_model(cfg.model, datamodule)
-    ckpt_path = cfg.get("ckpt_path")
+    # A requeued SLURM job computes its first attempt's run directory (its name holds the job
+    # id) and continues from that run's last.ckpt.
+    ckpt_path = cfg.get("ckpt_path") or requeued_checkpoint(run_dir)
     resume_step = None
     if ckpt_path:
         checkpoint = read_checkpoint(ckpt_path)
@@ -139,6 +143,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         # A group entry set to null (`callbacks.progress_bar=null`) is switched off.
         loggers = [instantiate(c, **purge) for c in (cfg.get("logger") or {}).values() if c]
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        callbacks.append(SlurmRequeue())  # does nothing outside a SLURM job
         if OmegaConf.select(cfg, "trainer.enable_progress_bar") is False:
             # Lightning refuses a progress-bar callback when the bar is off: honour the switch.
             callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
@@ -171,7 +176,8 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         trial = trial_name(task_overrides(), run_dir, default=str(cfg.get("name") or "run"))
         log_hparams(trainer.loggers, config_hparams(cfg), trial)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        with ddp_children_run_this_job(trainer):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning's own, a SystemExit without a code: not a success
         last = run_dir / "checkpoints" / "last.ckpt"
         if not last.is_file():

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vae.training.tensorboard import summary_writers
@@ -212,6 +217,87 @@ class LastCheckpoint(pl.callbacks.Checkpoint):
         self._publish(trainer)
         if trainer.training and trainer.global_step != self._saved_step and self._save(trainer):
             self._saved_step = trainer.global_step
+
+
+class SlurmRequeue(pl.Callback):
+    """Requeue a SLURM job on its warning signal and stop it at a step boundary.
+
+    Under SLURM, Lightning's ``SLURMEnvironment(auto_requeue=True, requeue_signal=SIGUSR1)``
+    (its default there) answers the signal that ``#SBATCH --signal=USR1@90`` sends before the
+    time limit: it saves an ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue <job id>``.
+    It does that work inside the signal handler, which flushes the TensorBoard writer there;
+    a signal that lands while the main thread holds that writer's lock deadlocks the job
+    until SLURM kills it, with nothing saved (seen with Lightning 2.6 on a digits run).
+
+    This callback takes the signal first (Lightning then keeps its hands off it): the handler
+    only notes it. At the end of the next training batch, process 0's note is shared with
+    every process, process 0 runs ``scontrol requeue`` (the array task's id in a job array),
+    and all stop as on SIGTERM: ``LastCheckpoint`` saves ``last.ckpt`` at that step and
+    ``vae-train`` exits 143. The requeued job keeps its ``SLURM_JOB_ID``, so it computes the
+    same run directory and resumes from that ``last.ckpt``
+    (``vae.training.runs.requeued_checkpoint``). Outside SLURM it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._signal: int | None = None
+        self._previous_handler = None
+        self._requested = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        environment = trainer._accelerator_connector.cluster_environment
+        if (
+            stage != "fit"
+            or not isinstance(environment, SLURMEnvironment)
+            or not environment.auto_requeue
+            or environment.requeue_signal is None
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return
+        self._signal = environment.requeue_signal
+        self._previous_handler = signal.signal(self._signal, self._note_signal)
+
+    def _note_signal(self, signum, frame) -> None:
+        self._requested = True  # nothing else: see the class docstring
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._signal is None:
+            return
+        # Every process stops at the same step, or the first collective after it would hang.
+        if not trainer.strategy.broadcast(self._requested, src=0):
+            return
+        self._requested = False
+        if trainer.is_global_zero:
+            requeue_slurm_job()
+        trainer._signal_connector.received_sigterm = True  # Lightning stops after this batch
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._signal is not None:
+            signal.signal(self._signal, self._previous_handler)
+            self._signal = None
+
+
+def slurm_job_to_requeue() -> str:
+    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` in a job array, else the job's."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue`` this job; True if SLURM took it (the result is logged either way)."""
+    log = logging.getLogger(__name__)
+    job = slurm_job_to_requeue()
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as err:
+        log.warning("Could not requeue SLURM job %s: %s", job, err)
+        return False
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr)
+        return False
+    log.info("Requeued SLURM job %s; it resumes from checkpoints/last.ckpt", job)
+    return True
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -111,15 +111,61 @@ def resume_dir(ckpt_path: str | None, new_run_dir: str) -> str:
     return str(resumed) if resumed is not None else new_run_dir
 
 
-def config_subdir(ckpt_path: str | None) -> str:
-    """Hydra's config folder: ``.hydra`` for a new run; a resumed run keeps the original
-    ``.hydra/config.yaml`` and records its own under ``.hydra/resume_<time>``."""
-    return f".hydra/resume_{ATTEMPT}" if resumed_run_dir(ckpt_path) else ".hydra"
+def _resumes(ckpt_path: str | None, output_dir: str | None) -> bool:
+    return resumed_run_dir(ckpt_path) is not None or (
+        not ckpt_path and output_dir is not None and requeued_checkpoint(output_dir) is not None
+    )
 
 
-def log_file_name(ckpt_path: str | None) -> str:
+def config_subdir(ckpt_path: str | None, output_dir: str | None = None) -> str:
+    """Hydra's config folder: ``.hydra`` for a new run; a resumed run (``ckpt_path``, or a
+    requeued SLURM job in its run ``output_dir``) keeps the original ``.hydra/config.yaml`` and
+    records its own under ``.hydra/resume_<time>``."""
+    return f".hydra/resume_{ATTEMPT}" if _resumes(ckpt_path, output_dir) else ".hydra"
+
+
+def log_file_name(ckpt_path: str | None, output_dir: str | None = None) -> str:
     """The job log: ``train.log``; a resume logs to its own file and leaves the first alone."""
-    return f"train_resume_{ATTEMPT}.log" if resumed_run_dir(ckpt_path) else "train.log"
+    return f"train_resume_{ATTEMPT}.log" if _resumes(ckpt_path, output_dir) else "train.log"
+
+
+# --- SLURM: a requeued job finds its run by the job id -----------------------------------------
+# Job names SLURM gives an interactive allocation (Lightning's SLURMEnvironment.detect agrees):
+# runs started by hand there are named like runs anywhere else.
+_INTERACTIVE_JOB_NAMES = ("bash", "interactive")
+
+
+def slurm_batch_job_id() -> str | None:
+    """``SLURM_JOB_ID`` in a SLURM batch job (sbatch, submitit), else None. A job keeps its id
+    when it is requeued (``scontrol requeue``; ``SLURM_RESTART_COUNT`` counts the restarts)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id or os.environ.get("SLURM_JOB_NAME") in _INTERACTIVE_JOB_NAMES:
+        return None
+    return job_id
+
+
+def run_stamp() -> str:
+    """The part of a run directory's name that makes it unique: ``<date>_<time>_<random id>``,
+    or ``slurm-<job id>`` in a SLURM batch job, so that the job, requeued after a preemption
+    or a time limit, computes the same directory and resumes its run there."""
+    job_id = slurm_batch_job_id()
+    if job_id is not None:
+        return f"slurm-{job_id}"
+    return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+
+
+def _slurm_restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def requeued_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """``<run_dir>/checkpoints/last.ckpt`` when this is a SLURM batch job and that file exists:
+    the job was requeued (by Lightning's SLURM plugin on ``SIGUSR1``, or by submitit) and
+    continues its run from there. None otherwise: a new run."""
+    if slurm_batch_job_id() is None:
+        return None
+    last = Path(run_dir) / CHECKPOINT_DIR / "last.ckpt"
+    return last if last.is_file() else None
 
 
 def resume_target(path: str) -> str:
@@ -239,7 +285,7 @@ def register_resolvers() -> None:
         "resume_dir": resume_dir,
         "config_subdir": config_subdir,
         "log_file_name": log_file_name,
-        "run_id": lambda: secrets.token_hex(3),  # short, random; one value per config
+        "run_stamp": run_stamp,  # one value per process: the run and sweep dirs share it
     }
     for name, function in cached.items():
         if not OmegaConf.has_resolver(name):
@@ -390,6 +436,8 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
                 continue
             record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+            if slurm_batch_job_id() is not None:
+                record.update(slurm_job=slurm_batch_job_id(), slurm_restart=_slurm_restart_count())
             with os.fdopen(fd, "w") as handle:
                 json.dump(record, handle)
             self.held = True
@@ -410,6 +458,11 @@ class RunLock:
 
     @staticmethod
     def _is_stale(holder: dict) -> bool:
+        # SLURM runs one attempt of a job at a time: an earlier attempt of this job (killed when
+        # it was requeued, maybe on another node) holds nothing any more.
+        job = slurm_batch_job_id()
+        if job is not None and holder.get("slurm_job") == job:
+            return int(holder.get("slurm_restart", 0)) < _slurm_restart_count()
         if holder.get("host") != socket.gethostname():
             return False
         try:
@@ -457,3 +510,75 @@ def keep_newer_checkpoint(run_dir: Path, ckpt_path: Path, resume_step: int, roll
         if int(read_checkpoint(best).get("global_step", 0)) > resume_step:
             os.replace(best, best.with_name(f"before-rollback-{best.name}"))
     logging.getLogger(__name__).info("Rolled back from step %d; kept %s", newer, kept)
+
+
+# --- DDP under a Hydra multirun -----------------------------------------------------------------
+# Set by Lightning's DDP launcher (`_SubprocessScriptLauncher`) in the launching process.
+DDP_LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# Hydra's options that take a value: kept on a child's command line, with the value.
+_HYDRA_VALUE_OPTIONS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+
+
+def job_command_line(argv: list[str], job_overrides: list[str]) -> list[str]:
+    """``argv`` of a multirun as the command line of one of its jobs: the program, Hydra's
+    config options, then the job's own overrides (``hydra.overrides.task``); no ``-m``, no
+    sweep."""
+    options, rest = [], argv[1:]
+    while rest:
+        argument = rest.pop(0)
+        if argument.startswith(_HYDRA_VALUE_OPTIONS):
+            options.append(argument)
+            if argument in _HYDRA_VALUE_OPTIONS and rest:  # `-cn name`, not `-cn=name`
+                options.append(rest.pop(0))
+    return [argv[0], *options, *job_overrides]
+
+
+@contextlib.contextmanager
+def ddp_children_run_this_job(trainer: Any) -> Iterator[None]:
+    """Make the DDP child processes that Lightning starts for ``trainer`` run this multirun
+    job, and only it.
+
+    Lightning starts ranks > 0 by re-running ``sys.argv`` with ``hydra.run.dir=<run.dir>``
+    (``_hydra_subprocess_cmd``). In a multirun (``-m``) each child would run the whole sweep
+    in a sweep directory of its own: duplicate directories, and jobs paired up only by luck
+    (the lightning-hydra-template's issue #393). Inside this block ``sys.argv`` is this job's
+    own command line and ``hydra.run.dir`` its directory, so each child runs this one job into
+    it. Afterwards the variables the launcher set (``LOCAL_RANK``, ``MASTER_PORT``, ...) are
+    removed and the process group is destroyed, so that the next job starts its own children
+    instead of waiting for ranks that have exited. It does nothing outside a multirun, in one
+    process, and where every rank is started from outside (``srun``, submitit, ``torchrun``:
+    the cluster environment creates the processes).
+    """
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    hydra_config = HydraConfig.get() if HydraConfig.initialized() else None
+    if (
+        hydra_config is None
+        or hydra_config.mode != RunMode.MULTIRUN
+        or trainer.world_size < 2
+        or environment is None
+        or environment.creates_processes_externally
+    ):
+        yield
+        return
+    argv, run_dir = list(sys.argv), hydra_config.run.dir
+    sys.argv = job_command_line(argv, list(hydra_config.overrides.task))
+    with read_write(hydra_config), open_dict(hydra_config):
+        hydra_config.run.dir = hydra_config.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        with read_write(hydra_config), open_dict(hydra_config):
+            hydra_config.run.dir = run_dir
+        for name in DDP_LAUNCHER_VARIABLES:
+            os.environ.pop(name, None)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
