@@ -181,6 +181,7 @@ def build_model_and_data(run_cfg: DictConfig, checkpoint: dict, ckpt: Path, data
     data_args = {} if vocabulary is None else {"vocabulary": vocabulary}
     try:
         datamodule = instantiate(run_cfg.data, **data_args, _convert_="all")
+        check_same_depth(checkpoint, datamodule, ckpt)
         model = build_model(run_cfg.model, datamodule)
         check_compatible(checkpoint, model, path=str(ckpt))
         model.load_state_dict(checkpoint["state_dict"])
@@ -190,6 +191,20 @@ def build_model_and_data(run_cfg: DictConfig, checkpoint: dict, ckpt: Path, data
     except (InstantiationException, ValueError) as err:
         raise EvaluationError(f"the run's config does not build here: {err}") from None
     return model.eval(), datamodule
+
+
+def check_same_depth(checkpoint: dict, datamodule, ckpt: Path) -> None:
+    """One line if the checkpoint's model was trained on pixels of another depth (its saved
+    ``data_levels``) than the data the run config now gives: its likelihood (a discretised one
+    has a bin per level) would score data it was not made for."""
+    saved = checkpoint.get("hyper_parameters", {}).get("data_levels")
+    levels = getattr(datamodule, "num_levels", None)
+    if saved is not None and levels is not None and saved != levels:
+        raise EvaluationError(
+            f"ckpt_path={ckpt}: the model was trained on pixels of {saved} levels, but the run's "
+            f"data config gives {levels} (data.binarize={getattr(datamodule, 'binarize', '?')}); "
+            "restore the run's data settings in its .hydra/config.yaml."
+        )
 
 
 # --- metrics --------------------------------------------------------------------------------

@@ -338,10 +338,12 @@ class PixelLikelihood(torch.nn.Module):
         num_mixtures: K, components of ``discretized_logistic_mixture`` per pixel.
     """
 
-    INITIAL_LOG_SCALE = math.log(0.1)
+    INITIAL_LOG_SCALE = {"logistic": math.log(0.1), "gaussian": math.log(0.2)}
     """The log scale a discretised likelihood's decoder starts from (:meth:`params_for_mean`):
-    s = 0.1 of the [0, 1] range, a logistic of standard deviation 0.18, broad enough that no
-    pixel of the data starts with a vanishing probability."""
+    a standard deviation of about 0.2 of the [0, 1] range (a logistic of s = 0.1 has 0.18),
+    about a pixel's spread across a dataset, so that no pixel of the data starts with a
+    vanishing probability. On the digits' 17 levels, from the mean image: 3.4 bits/dim for the
+    logistic, 3.35 for the Gaussian (6.6 at sigma = 0.1: its light tails)."""
 
     def __init__(
         self,
@@ -485,7 +487,8 @@ class PixelLikelihood(torch.nn.Module):
         otherwise. A discretised likelihood's log scales start at :attr:`INITIAL_LOG_SCALE`,
         and a mixture's logits at 0 (equal weights), every component at the mean."""
         if self.discretized:
-            log_scale = torch.full_like(mean, self.INITIAL_LOG_SCALE)
+            family = "gaussian" if self.name == "discretized_gaussian" else "logistic"
+            log_scale = torch.full_like(mean, self.INITIAL_LOG_SCALE[family])
             if self.name == "discretized_logistic_mixture":
                 k = self.num_mixtures
                 parts = [torch.zeros_like(mean)] * k + [mean] * k + [log_scale] * k
