@@ -109,33 +109,37 @@ import json, sys
 import torch
 import lightning.pytorch as pl
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from experiments.train import CONFIG_DIR, build_model
 from vae.data.splits import ImageSplit
 
-model_name, devices, size, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+devices, size, out, models = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 torch.set_num_threads(1)
-with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-    cfg = compose("config", overrides=[f"model={model_name}"])
-from hydra.utils import instantiate
-datamodule = instantiate(cfg.data, _convert_="all")
-datamodule.setup("fit")
-split = datamodule.val_split
-datamodule.val_split = ImageSplit(split.images[:size], split.labels[:size])
-torch.manual_seed(0)  # the same weights in every process
-model = build_model(cfg.model, datamodule)
-if hasattr(model, "reparameterise"):
-    # z = the posterior mean: one process and two draw different noise for the same example,
-    # and the comparison is of the reductions across processes, not of Monte Carlo noise.
-    model.reparameterise = lambda mu, logvar: mu
-trainer = pl.Trainer(
-    accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-    logger=False, enable_checkpointing=False, enable_progress_bar=False,
-    enable_model_summary=False,
-)
-trainer.validate(model, datamodule=datamodule, verbose=False)
+results = {}
+for model_name in models:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model_name}"])
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    split = datamodule.val_split
+    datamodule.val_split = ImageSplit(split.images[:size], split.labels[:size])
+    torch.manual_seed(0)  # the same weights in every process
+    model = build_model(cfg.model, datamodule)
+    if hasattr(model, "reparameterise"):
+        # z = the posterior mean: one process and two draw different noise for the same
+        # example, and the comparison is of the reductions across processes, not of noise.
+        model.reparameterise = lambda mu, logvar: mu
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    results[model_name] = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
+    }
 if trainer.is_global_zero:
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    json.dump(metrics, open(out, "w"))
+    json.dump(results, open(out, "w"))
 """
 
 # 50 examples per process; 1 process sees batches of 64 and 36. An odd size differs by design
@@ -143,14 +147,23 @@ if trainer.is_global_zero:
 # Lightning's synced mean (an integer example count averaged across processes: 101 / 2 -> 50)
 # is off by up to half an example per process.
 VAL_SIZE = 100
+MODELS = {
+    "vae": ["val/elbo", "val/kl", "val/recon", "val/active_units"],
+    "vqvae": ["val/recon", "val/perplexity", "val/codebook_usage"],
+}
+# Monte Carlo estimates over the gathered posteriors: their draws fall on other examples when
+# the processes' halves are concatenated, so they agree with one process's only in
+# distribution; their sum is checked instead.
+KL_DECOMPOSITION = ("val/mutual_info", "val/total_correlation", "val/dimwise_kl")
 
 
-def _validate(tmp_path: Path, model: str, devices: int) -> dict[str, float]:
-    script, out = tmp_path / "validate.py", tmp_path / f"{model}_{devices}.json"
+def _validate(tmp_path: Path, devices: int) -> dict[str, dict[str, float]]:
+    """``{model: val/* scalars}`` of ``trainer.validate`` on ``devices`` processes."""
+    script, out = tmp_path / "validate.py", tmp_path / f"validate_{devices}.json"
     script.write_text(VALIDATE_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(script), model, str(devices), str(VAL_SIZE), str(out)],
+        [sys.executable, str(script), str(devices), str(VAL_SIZE), str(out), *MODELS],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -161,29 +174,17 @@ def _validate(tmp_path: Path, model: str, devices: int) -> dict[str, float]:
     return json.loads(out.read_text())
 
 
-# Monte Carlo estimates over the gathered posteriors: their draws fall on other examples when
-# the processes' halves are concatenated, so they agree with one process's only in
-# distribution; their sum is checked instead.
-KL_DECOMPOSITION = ("val/mutual_info", "val/total_correlation", "val/dimwise_kl")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "model, tags",
-    [
-        ("vae", ["val/elbo", "val/kl", "val/recon", "val/active_units", *KL_DECOMPOSITION]),
-        ("vqvae", ["val/recon", "val/perplexity", "val/codebook_usage"]),
-    ],
-)
-def test_validation_on_two_processes_equals_one_process(tmp_path: Path, model, tags):
-    one, two = _validate(tmp_path, model, 1), _validate(tmp_path, model, 2)
-    assert set(tags) <= set(one)
-    assert one.keys() == two.keys()
-    for tag in set(one) - set(KL_DECOMPOSITION):
-        assert two[tag] == pytest.approx(one[tag], rel=1e-5, abs=1e-6), tag
-    if KL_DECOMPOSITION[0] in two:
-        parts = sum(two[tag] for tag in KL_DECOMPOSITION)
-        assert parts == pytest.approx(two["val/kl"], rel=1e-4, abs=1e-6)
+def test_validation_on_two_processes_equals_one_process(tmp_path: Path):
+    ones, twos = _validate(tmp_path, 1), _validate(tmp_path, 2)
+    for model, tags in MODELS.items():
+        one, two = ones[model], twos[model]
+        assert set(tags) <= set(one), model
+        assert one.keys() == two.keys(), model
+        for tag in set(one) - set(KL_DECOMPOSITION):
+            assert two[tag] == pytest.approx(one[tag], rel=1e-5, abs=1e-6), (model, tag)
+    parts = sum(twos["vae"][tag] for tag in KL_DECOMPOSITION)
+    assert parts == pytest.approx(twos["vae"]["val/kl"], rel=1e-4, abs=1e-6)
 
 
 # --- a Hydra multirun of DDP jobs -------------------------------------------------------------
