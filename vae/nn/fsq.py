@@ -10,11 +10,12 @@ integers and rounded to the nearest one, so the codes are the grid of prod_i L_i
     k_i     = round(bound_i(z)) + floor(L_i / 2)          in {0, ..., L_i - 1}
     code_i  = (k_i - floor(L_i / 2)) / floor(L_i / 2)     in [-1, 1]
 
-(eps = 1e-3, as in the paper). For odd L the bounded value lies in (-(L-1)/2, (L-1)/2), whose
-integers are the L values -(L-1)/2 ... (L-1)/2; for even L the half-level offset moves the
-interval to (-L/2, L/2 - 1), whose integers are the L values -L/2 ... L/2 - 1. The shift puts
-bound(0) at exactly 0 (the paper's code writes tan for atanh; the two differ by O(offset^3 /
-half^3) and either keeps the L values). For L = 2 (offset 0.5 > half) no shift can do that:
+(eps = 1e-3, as in the paper). For odd L the bounded value lies inside (-(L-1)/2, (L-1)/2) and
+rounds to the L integers -(L-1)/2 ... (L-1)/2; for even L the half-level offset moves the
+interval to inside (-L/2, L/2 - 1), which rounds to the L integers -L/2 ... L/2 - 1. The shift
+puts bound(0) at exactly 0 (the paper's code writes tan for atanh; with x = offset / half the
+two differ by x^5 / 15 + O(x^7), and either keeps the L values). For L = 2 (offset > half)
+no shift can do that:
 the shift is 0 and z = 0 lies on the boundary of the two levels. ``round`` is torch's, halves
 to even, as jnp.round.
 
@@ -34,7 +35,7 @@ with k_i = (index // b_i) mod L_i. So the code histogram, ``val/perplexity``,
 so the codebook and commitment terms of ``QuantizerOutput`` are zeros, ``loss`` is zero, no
 code can die (``dead_codes`` is 0) and none is restarted (``num_restarted`` is 0).
 
-**Level sets** recommended by the paper (Table 3) for about 2^8 ... 2^16 codes:
+**Level sets** recommended by the paper (its table of level sets) for about 2^8 ... 2^16 codes:
 
     2^8:  [8, 6, 5]          240 codes        2^12: [7, 5, 5, 5, 5]    4,375 codes
     2^10: [8, 5, 5, 5]     1,000 codes        2^14: [8, 8, 8, 6, 5]   15,360 codes
@@ -64,7 +65,7 @@ RECOMMENDED_LEVELS = {
     14: (8, 8, 8, 6, 5),
     16: (8, 8, 8, 5, 5, 5),
 }
-"""The paper's level sets (Table 3), keyed by the log2 of the code count they aim at."""
+"""The paper's recommended level sets, keyed by the log2 of the code count they aim at."""
 
 
 def check_levels(levels: object) -> tuple[int, ...]:
