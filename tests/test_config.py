@@ -77,3 +77,15 @@ def test_a_removed_key_says_what_to_do_instead():
 
     with pytest.raises(ConfigError, match="train_loop.steps_per_call no longer exists"):
         rewrite_moved_keys(["train_loop.steps_per_call=8"])
+
+
+def test_the_config_check_knows_every_likelihood_of_the_library():
+    from vae.losses import LIKELIHOODS
+    from vae.training import config
+
+    assert sorted(config.LIKELIHOODS) == sorted(LIKELIHOODS)
+
+
+def test_an_unknown_lr_schedule_is_refused_before_anything_is_built():
+    with pytest.raises(ConfigError, match="model.lr_schedule='step'"):
+        validate_config(composed("model.lr_schedule=step"))

@@ -99,7 +99,17 @@ class Rule:
 
 
 ARCHS = ("mlp", "conv")
-LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
+# The keys of vae.losses.LIKELIHOODS, spelled out so that config errors answer without torch
+# (tests/test_config.py checks that the two agree).
+LIKELIHOODS = (
+    "bernoulli",
+    "gaussian",
+    "laplace",
+    "discretized_logistic",
+    "discretized_gaussian",
+    "discretized_logistic_mixture",
+)
+LR_SCHEDULES = ("constant", "cosine")
 KL_SCHEDULES = ("constant", "linear", "cyclical", "capacity")
 BINARIZE = ("none", "static", "dynamic")
 
@@ -113,8 +123,10 @@ RULES: tuple[Rule, ...] = (
     Rule("model.latent_dim", positive_int, "a positive integer"),
     Rule("model.likelihood", one_of(*LIKELIHOODS), f"one of {', '.join(LIKELIHOODS)}"),
     Rule("model.sigma", positive_number, "a positive number (the fixed likelihood scale)"),
+    Rule("model.num_mixtures", positive_int, "a positive integer (logistic mixture components)"),
     Rule("model.logvar_clamp", optional(clamp_range), "null or [low, high] with low < high"),
     Rule("model.lr", positive_number, "a positive number"),
+    Rule("model.lr_schedule", one_of(*LR_SCHEDULES), f"one of {', '.join(LR_SCHEDULES)}"),
     Rule("model.beta", non_negative_number, "a number >= 0"),
     Rule("model.kl_schedule", one_of(*KL_SCHEDULES), f"one of {', '.join(KL_SCHEDULES)}"),
     Rule("model.regulariser.warmup_steps", positive_int, "a positive integer"),
