@@ -289,3 +289,27 @@ def test_prior_config_checks_the_checkpoint_path(tmp_path):
         validate_config(compose_config("model=vqvae_prior", f"model.vqvae_ckpt={missing}"))
     validate_config(compose_config("model=vqvae_prior"))  # null is allowed (smoke tests)
     validate_config(compose_config("model=vqvae", "model.dead_code_threshold=null"))
+
+
+@pytest.mark.parametrize(
+    "likelihood, channels",
+    [("discretized_logistic", 2), ("discretized_gaussian", 2), ("discretized_logistic_mixture", 9)],
+)
+def test_a_discretised_likelihood_gets_its_parameters_from_the_decoder(likelihood, channels):
+    model = VQVAE(
+        (1, 8, 8),
+        hidden_dims=[16, 32],
+        code_dim=8,
+        num_codes=16,
+        data_levels=17,
+        likelihood=likelihood,
+        num_mixtures=3,
+    )
+    x = torch.randint(0, 17, (4, 1, 8, 8)).float() / 16
+    params, _ = model(x)
+    assert params.shape == (4, channels, 8, 8)
+    loss, terms = model.compute_terms(x, step=0)
+    assert torch.isfinite(loss) and terms["recon"].item() > 0
+    # a probability mass of 17-level pixels: bits/dim without any dequantisation offset
+    recon = terms["recon"].item()
+    assert model.bits_per_dim(recon) == pytest.approx(recon / (64 * math.log(2)))

@@ -84,8 +84,10 @@ class VQVAE(LatentVariableModule):
             above) or ``fsq.yaml`` (``vae.nn.FiniteScalarQuantizer``, which checks that
             code_dim = len(levels)). None: a ``VectorQuantizer`` from the keys above.
         num_res_blocks, res_hidden: the residual stacks of encoder and decoder.
-        likelihood: ``bernoulli`` (logits) or ``gaussian`` / ``laplace`` (location, fixed scale
-            ``sigma``).
+        likelihood: ``bernoulli`` (logits), ``gaussian`` / ``laplace`` (location, fixed scale
+            ``sigma``) or a discretised likelihood of the L-level pixels (``vae.losses``;
+            ``num_mixtures`` components for the logistic mixture); the decoder outputs
+            ``PixelLikelihood.params_per_channel`` channels per image channel.
         data_levels: distinct pixel values of the data (the DataModule's ``num_levels``), set
             by the entry point; see ``LatentVariableModule.set_likelihood``.
     """
@@ -112,6 +114,7 @@ class VQVAE(LatentVariableModule):
         res_hidden: int = 32,
         likelihood: str = "bernoulli",
         sigma: float = 1.0,
+        num_mixtures: int = 5,
         lr: float = 1e-3,
         num_images: int = 64,
         data_levels: int | None = None,
@@ -130,8 +133,18 @@ class VQVAE(LatentVariableModule):
         self.encoder = VQEncoder(
             self.image_shape, hidden_dims, self.code_dim, num_res_blocks, res_hidden
         )
+        self.likelihood = PixelLikelihood(
+            likelihood,
+            num_dims=math.prod(self.image_shape),
+            channels=self.image_shape[0],
+            sigma=sigma,
+            data_levels=data_levels,
+            num_mixtures=num_mixtures,
+        )
+        channels, height, width = self.image_shape  # the decoder outputs the likelihood's params
+        output_shape = (self.likelihood.params_per_channel * channels, height, width)
         self.decoder = VQDecoder(
-            self.code_dim, hidden_dims, self.image_shape, num_res_blocks, res_hidden
+            self.code_dim, hidden_dims, output_shape, num_res_blocks, res_hidden
         )
         default_quantizer = {
             "_target_": "vae.nn.VectorQuantizer",
@@ -148,13 +161,6 @@ class VQVAE(LatentVariableModule):
         self.quantizer = build_part(quantizer or default_quantizer, code_dim=self.code_dim)
         self.grid_shape = self.encoder.grid_shape
         self.num_codes = self.quantizer.num_codes  # K: the histogram's bins, the prior's vocabulary
-        self.likelihood = PixelLikelihood(
-            likelihood,
-            num_dims=math.prod(self.image_shape),
-            channels=self.image_shape[0],
-            sigma=sigma,
-            data_levels=data_levels,
-        )
         self.rate = uniform_prior_rate(math.prod(self.grid_shape), self.num_codes)
         self.val_code_usage = CodeUsage(self.num_codes)
 
