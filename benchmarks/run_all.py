@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     "bench_losses.py",
     "bench_quantizer.py",
+    "bench_fsq.py",
     "bench_iw_nll.py",
     "bench_train_throughput.py",
     "bench_threads.py",

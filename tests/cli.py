@@ -32,7 +32,9 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run e.g. ``vae-train`` with ``args`` in ``cwd`` (``env``: extra variables); return the
     completed process."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONHASHSEED": "0", **(env or {})}
+    # Without SLURM_*: inside a SLURM job, runs would be named by its id and resume each other.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {**inherited, "HYDRA_FULL_ERROR": "0", "PYTHONHASHSEED": "0", **(env or {})}
     proc = subprocess.run(
         [str(BIN / script), *args],
         cwd=cwd,

@@ -121,3 +121,33 @@ def test_each_arm_of_the_likelihood_table_runs_with_fast_dev_run(arm: Path, tmp_
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
     config = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "- 512" in config
+
+
+QUANTIZER_ARMS = sorted(Path(CONFIG_DIR, "quantizer_arm").glob("*.yaml"))
+
+
+def test_the_quantizer_comparison_sweeps_every_arm():
+    sweep = _composed("quantizers_fashion").hydra.sweeper.params["+quantizer_arm"]
+    assert set(sweep.split(",")) == {p.stem for p in QUANTIZER_ARMS}
+
+
+@pytest.mark.parametrize("arm", QUANTIZER_ARMS, ids=lambda p: p.stem)
+def test_each_quantizer_arm_runs_with_fast_dev_run(arm: Path, tmp_path: Path):
+    """VQ with and without restarts and FSQ, each found by the glob, take a step in the
+    comparison's setup with 1,000 codes."""
+    write_dataset(tmp_path / "data" / "FashionMNIST" / "raw", fake_arrays(0), compress=True)
+    overrides = [
+        "experiment=quantizers_fashion",
+        f"+quantizer_arm={arm.stem}",
+        "debug=fdr",
+        "trainer.accelerator=cpu",
+        f"data.root={tmp_path / 'data'}",
+        "data.val_size=4",
+        "data.search_paths=[]",
+    ]
+    proc = run_cli("vae-train", *overrides, cwd=tmp_path)
+    run_dir = tmp_path / last_line(proc.stdout)
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "num_codes: 1000" in config
+    assert ("FiniteScalarQuantizer" in config) == (arm.stem == "fsq")

@@ -82,6 +82,8 @@ TRAIN_SKIPPED_BATCHES = "train/skipped_batches"  # non-finite batches skipped (N
 #   train/perplexity   exp(entropy) of this step's code histogram (effective codes in use)
 #   train/dead_codes   codes unused for model.dead_code_threshold steps, found at this step
 #   train/restarted_codes  all dead-code restarts so far (its slope is the restart rate)
+#   with model/quantizer=fsq: vq_loss, commitment, dead_codes and restarted_codes are 0 (no
+#   codebook, no loss on it, nothing to restart)
 #   train/kl, val/kl   the rate against the uniform prior: latent positions x log K nats
 #   val/perplexity, val/codebook_usage  from the code histogram of the whole validation epoch
 #   val/mse            mean squared error per pixel between the decoder mean and x
