@@ -73,6 +73,7 @@ NOT_RUN = {
     "pip": "the install, done by make test itself",
     "python3.11": "the install, done by make test itself",
     "pytest": "this test suite",
+    "torchrun": "several processes; tests/test_eval_distributed.py runs vae-eval under it",
 }
 
 
