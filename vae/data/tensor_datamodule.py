@@ -212,7 +212,18 @@ class InMemoryDataModule(L.LightningDataModule):
     def _eval_loader(self, split: ImageSplit | None) -> DataLoader:
         self._require_setup()
         dataset = ImageTensorDataset(split.images, split.labels)
-        return self._loader(dataset, SequentialSampler(dataset), self.resolved_seed())
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Each example once, on one process: Lightning's DistributedSampler would repeat
+            # examples to even the shares and bias the validation means.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        else:
+            sampler = SequentialSampler(dataset)
+        return self._loader(dataset, sampler, self.resolved_seed())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_split)

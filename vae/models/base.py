@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from torchmetrics import MeanMetric
 
 from vae.training import tags
 from vae.training.checkpoints import CHECKPOINT_FORMAT
@@ -125,18 +126,26 @@ class LatentVariableModule(pl.LightningModule):
         x = batch[0]
         _, terms = self.compute_terms(x, step=self.global_step)
         self.step_terms = terms  # the guard checks them before anything is written
+        means = self.validation_means()
         for name in self.val_scalar_names():
+            # The epoch mean over every example of the split, weighted by batch size, with the
+            # sums and counts added over processes (Lightning's own synced mean averages the
+            # processes' example counts, which is wrong when the shares differ).
+            means[name].update(terms[name].detach(), weight=x.shape[0])
             self.log(
-                tags.tag("val", name),
-                terms[name],
-                on_step=False,
-                on_epoch=True,  # the epoch mean, weighted by batch size, summed over processes
-                batch_size=x.shape[0],
-                sync_dist=True,
-                prog_bar=name == "elbo",
+                tags.tag("val", name), means[name], on_epoch=True, prog_bar=name == "elbo"
             )
         if batch_idx == 0:
             self._val_images = x[: self.num_images]
+
+    def validation_means(self) -> torch.nn.ModuleDict:
+        """One ``MeanMetric`` per validation scalar, made on first use (the names can depend
+        on the data, e.g. bits_per_dim); Lightning computes, syncs and resets them."""
+        if not hasattr(self, "val_means"):
+            self.val_means = torch.nn.ModuleDict(
+                {name: MeanMetric() for name in self.val_scalar_names()}
+            ).to(self.device)
+        return self.val_means
 
     def on_validation_epoch_end(self) -> None:
         self.log_val_images()
