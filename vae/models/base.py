@@ -132,9 +132,7 @@ class LatentVariableModule(pl.LightningModule):
             # sums and counts added over processes (Lightning's own synced mean averages the
             # processes' example counts, which is wrong when the shares differ).
             means[name].update(terms[name].detach(), weight=x.shape[0])
-            self.log(
-                tags.tag("val", name), means[name], on_epoch=True, prog_bar=name == "elbo"
-            )
+            self.log(tags.tag("val", name), means[name], on_epoch=True, prog_bar=name == "elbo")
         if batch_idx == 0:
             self._val_images = x[: self.num_images]
 
