@@ -76,12 +76,9 @@ def build_model(model_cfg: DictConfig, datamodule):
         if data_kind == "text"
         else {"image_shape": datamodule.image_shape, "data_levels": datamodule.num_levels}
     )
-    return instantiate(
-        OmegaConf.to_container(model_cfg, resolve=True),
-        **data_args,
-        _recursive_=False,
-        _convert_="all",
-    )
+    config = OmegaConf.to_container(model_cfg, resolve=True)
+    config.pop("compile", None)  # how to run the networks, not part of the model: see _train
+    return instantiate(config, **data_args, _recursive_=False, _convert_="all")
 
 
 def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
@@ -125,6 +122,8 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         if not getattr(datamodule, "download", False):
             datamodule.setup("fit")
         model = build_model(cfg.model, datamodule)
+        if cfg.model.get("compile", False):
+            model.compile_networks()
     # A requeued SLURM job computes its first attempt's run directory (its name holds the job
     # id) and continues from that run's last.ckpt.
     ckpt_path = cfg.get("ckpt_path") or requeued_checkpoint(run_dir)

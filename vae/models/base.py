@@ -54,6 +54,7 @@ class LatentVariableModule(pl.LightningModule):
     """
 
     guarded_terms: tuple[str, ...] = ()  # checked in this order when the loss is not finite
+    compiled_parts: tuple[str, ...] = ("encoder", "decoder", "prior")  # see compile_networks
 
     def __init__(
         self,
@@ -135,6 +136,17 @@ class LatentVariableModule(pl.LightningModule):
             self.log(tags.tag("val", name), means[name], on_epoch=True, prog_bar=name == "elbo")
         if batch_idx == 0:
             self._val_images = x[: self.num_images]
+
+    def compile_networks(self, **options: Any) -> None:
+        """``model.compile=true``: ``torch.compile`` each of ``compiled_parts`` that exists, in
+        place (``nn.Module.compile``), so that the state-dict keys, and with them checkpoints
+        and resume, are those of the plain modules (no ``_orig_mod.`` prefix). The quantizer,
+        the likelihood and the metrics stay eager: they hold data-dependent control flow and
+        collectives. ``options`` go to ``torch.compile`` (e.g. ``backend``, ``mode``)."""
+        for name in self.compiled_parts:
+            part = getattr(self, name, None)
+            if isinstance(part, torch.nn.Module):
+                part.compile(**options)
 
     def validation_means(self) -> torch.nn.ModuleDict:
         """One ``MeanMetric`` per validation scalar, made on first use (the names can depend
