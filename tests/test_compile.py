@@ -45,3 +45,20 @@ def test_compiled_networks_keep_their_keys_numbers_and_checkpoints(tmp_path):
     fresh = tiny()
     fresh.load_state_dict(saved)  # strict: the plain model takes the compiled run's weights
     assert torch.equal(fresh.decoder.state_dict()["net.0.weight"], saved["decoder.net.0.weight"])
+
+
+def test_fused_adam_takes_the_steps_of_the_plain_one():
+    plain, fused = tiny(), tiny()
+    x = torch.rand(32, 1, 8, 8).round()
+    optimisers = [
+        torch.optim.Adam(plain.parameters(), lr=1e-2),
+        torch.optim.Adam(fused.parameters(), lr=1e-2, fused=True),
+    ]
+    for _ in range(5):
+        for model, optimiser in zip((plain, fused), optimisers, strict=True):
+            torch.manual_seed(1)
+            optimiser.zero_grad()
+            model.compute_terms(x, step=0)[0].backward()
+            optimiser.step()
+    for a, b in zip(plain.parameters(), fused.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
