@@ -268,6 +268,7 @@ def test_each_arm_of_the_quantizer_table_builds_with_1000_codes():
     for arm, config in models.items():
         arguments = OmegaConf.to_container(config, resolve=True)
         arguments.pop("_target_")
+        arguments.pop("compile")  # how vae-train runs the networks, not a model argument
         model = VQVAE((1, 28, 28), **arguments)
         assert model.num_codes == 1000 and model.grid_shape == (7, 7)
         assert model(torch.rand(2, 1, 28, 28))[1].indices.shape == (2, 7, 7)
