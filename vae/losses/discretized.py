@@ -66,6 +66,7 @@ from torch import Tensor
 from vae.losses.validation import (
     broadcast_shape,
     check_all_finite,
+    check_target_and_broadcast,
     in_unit,
     require_tensor,
     should_validate,
@@ -138,28 +139,12 @@ def _prepare(
     levels = require_levels(fn, levels)
     require_tensor(fn, prediction_name, prediction)
     require_tensor(fn, "target", target)
-    if target.dim() < 1:
-        raise ValueError(
-            f"{fn}: argument 'target' must have a batch dimension, shape (B, ...), got a scalar"
-        )
-    if target.shape[0] == 0:
-        raise ValueError(
-            f"{fn}: argument 'target' is an empty batch (shape {tuple(target.shape)}); "
-            f"pass at least one example"
-        )
     tensors = {}
     for name, value in spreads.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = torch.tensor(float(value), device=target.device)
         tensors[name] = require_tensor(fn, name, value)
-    shape = broadcast_shape(fn, **{prediction_name: prediction}, target=target, **tensors)
-    if shape != target.shape:
-        raise ValueError(
-            f"{fn}: arguments broadcast to shape {tuple(shape)}, larger than 'target' "
-            f"{tuple(target.shape)}; '{prediction_name}'"
-            + "".join(f" and '{n}'" for n in tensors)
-            + " must broadcast to the target's shape, not the other way round"
-        )
+    check_target_and_broadcast(fn, prediction_name, prediction, target, **tensors)
     if should_validate(validate):
         check_all_finite(fn, **{prediction_name: prediction}, **tensors)
         check_on_grid(fn, target, levels)

@@ -38,8 +38,8 @@ from vae.losses.discretized import (
     require_levels,
 )
 from vae.losses.validation import (
-    broadcast_shape,
     check_all_finite,
+    check_target_and_broadcast,
     check_unit_interval,
     in_unit,
     require_tensor,
@@ -75,30 +75,13 @@ def _prepare(
     """Shared checks; returns ``log_scale`` as a tensor on the target's dtype and device."""
     require_tensor(fn, prediction_name, prediction)
     require_tensor(fn, "target", target)
-    if target.dim() < 1:
-        raise ValueError(
-            f"{fn}: argument 'target' must have a batch dimension, shape (B, ...), got a scalar"
-        )
-    if target.shape[0] == 0:
-        # Not an empty (0,) result: every caller averages it over the batch, and the mean of
-        # nothing is NaN. A shape check, always on.
-        raise ValueError(
-            f"{fn}: argument 'target' is an empty batch (shape {tuple(target.shape)}); "
-            f"pass at least one example"
-        )
     tensors = {prediction_name: prediction, "target": target}
+    spread = {}
     if scale_name is not None:
         if isinstance(log_scale, (int, float)) and not isinstance(log_scale, bool):
             log_scale = torch.tensor(float(log_scale), dtype=target.dtype, device=target.device)
-        tensors[scale_name] = require_tensor(fn, scale_name, log_scale)
-    shape = broadcast_shape(fn, **tensors)
-    if shape != target.shape:
-        raise ValueError(
-            f"{fn}: arguments broadcast to shape {tuple(shape)}, larger than 'target' "
-            f"{tuple(target.shape)}; '{prediction_name}'"
-            + (f" and '{scale_name}'" if scale_name else "")
-            + " must broadcast to the target's shape, not the other way round"
-        )
+        spread[scale_name] = tensors[scale_name] = require_tensor(fn, scale_name, log_scale)
+    check_target_and_broadcast(fn, prediction_name, prediction, target, **spread)
     if should_validate(validate):
         check_all_finite(fn, **tensors)
         if fn == "bernoulli_nll":

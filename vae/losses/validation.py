@@ -137,6 +137,33 @@ def broadcast_shape(fn: str, **tensors: Tensor) -> torch.Size:
         ) from None
 
 
+def check_target_and_broadcast(
+    fn: str, prediction_name: str, prediction: Tensor, target: Tensor, **spreads: Tensor
+) -> None:
+    """The shape checks of every (prediction, target) loss: ``target`` has a non-empty batch
+    dimension, and the prediction and its ``spreads`` broadcast to the target's shape. Broadcasting the target up to them is refused: that would count the same
+    observation several times."""
+    if target.dim() < 1:
+        raise ValueError(
+            f"{fn}: argument 'target' must have a batch dimension, shape (B, ...), got a scalar"
+        )
+    if target.shape[0] == 0:
+        # Not an empty (0,) result: every caller averages it over the batch, and the mean of
+        # nothing is NaN. A shape check, always on.
+        raise ValueError(
+            f"{fn}: argument 'target' is an empty batch (shape {tuple(target.shape)}); "
+            f"pass at least one example"
+        )
+    shape = broadcast_shape(fn, **{prediction_name: prediction}, target=target, **spreads)
+    if shape != target.shape:
+        names = " and ".join(f"'{name}'" for name in (prediction_name, *spreads))
+        raise ValueError(
+            f"{fn}: arguments broadcast to shape {tuple(shape)}, larger than 'target' "
+            f"{tuple(target.shape)}; {names} must broadcast to the target's shape, not the "
+            "other way round"
+        )
+
+
 def normalise_event_dim(fn: str, dim: int, shape: torch.Size, **tensors: Tensor) -> int:
     """Turn ``dim`` into a negative index into ``shape`` and check every tensor spans it fully.
 
