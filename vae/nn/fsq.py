@@ -54,7 +54,13 @@ import torch
 from torch import Tensor, nn
 
 from vae.losses.vq import perplexity
-from vae.nn.quantizer import QuantizerOutput, StraightThrough, all_reduce_sum
+from vae.nn.quantizer import (
+    QuantizerOutput,
+    StraightThrough,
+    all_reduce_sum,
+    flatten_codes,
+    unflatten_codes,
+)
 
 # (1 - eps) shrinks the bound so that tanh's open interval never reaches a rounding boundary.
 BOUND_EPS = 1e-3
@@ -191,18 +197,9 @@ class FiniteScalarQuantizer(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------
     def _flatten(self, z: Tensor) -> Tensor:
-        if not isinstance(z, Tensor) or not z.is_floating_point():
-            raise ValueError(
-                f"z must be a floating-point tensor, got {type(z).__name__} {getattr(z, 'dtype', '')}."
-            )
-        if z.dim() < 2 or z.shape[1] != self.code_dim:
-            raise ValueError(
-                f"z must be channels-first (batch, code_dim={self.code_dim}, *spatial), got shape "
-                f"{tuple(z.shape)}; the encoder's output channels must equal len(levels)."
-            )
-        if z.numel() == 0:
-            raise ValueError(f"z must not be empty, got shape {tuple(z.shape)}.")
-        return z.movedim(1, -1).reshape(-1, self.code_dim)
+        return flatten_codes(
+            z, self.code_dim, "the encoder's output channels must equal len(levels)."
+        )
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize channels-first ``z`` (B, d, *spatial); see ``QuantizerOutput``.
@@ -224,11 +221,9 @@ class FiniteScalarQuantizer(nn.Module):
             batch_perplexity = perplexity(global_counts, validate=False).float()
             zero = flat.new_zeros(())
 
-        spatial = z.shape[2:]
-        quantized = straight_through.reshape(z.shape[0], *spatial, self.code_dim).movedim(-1, 1)
         return QuantizerOutput(
-            quantized=quantized,
-            indices=indices.reshape(z.shape[0], *spatial),
+            quantized=unflatten_codes(straight_through, z),
+            indices=indices.reshape(z.shape[0], *z.shape[2:]),
             loss=zero,
             codebook_loss=zero,
             commitment_loss=zero,

@@ -412,6 +412,28 @@ def _check_number(value: float, name: str, low: float, high: float) -> float:
     return number
 
 
+def flatten_codes(z: Tensor, code_dim: int, hint: str) -> Tensor:
+    """Channels-first encoder output (B, code_dim, *spatial) as rows (B * prod(spatial),
+    code_dim), or a ValueError that ends with ``hint`` when the channels do not match."""
+    if not isinstance(z, Tensor) or not z.is_floating_point():
+        raise ValueError(
+            f"z must be a floating-point tensor, got {type(z).__name__} {getattr(z, 'dtype', '')}."
+        )
+    if z.dim() < 2 or z.shape[1] != code_dim:
+        raise ValueError(
+            f"z must be channels-first (batch, code_dim={code_dim}, *spatial), got shape "
+            f"{tuple(z.shape)}; {hint}"
+        )
+    if z.numel() == 0:
+        raise ValueError(f"z must not be empty, got shape {tuple(z.shape)}.")
+    return z.movedim(1, -1).reshape(-1, code_dim)
+
+
+def unflatten_codes(rows: Tensor, z: Tensor) -> Tensor:
+    """The inverse of :func:`flatten_codes`: rows back in ``z``'s (B, code_dim, *spatial)."""
+    return rows.reshape(z.shape[0], *z.shape[2:], z.shape[1]).movedim(-1, 1)
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-code quantizer with straight-through gradients; see the module docstring.
 
@@ -488,19 +510,8 @@ class VectorQuantizer(nn.Module):
 
     # --- helpers -------------------------------------------------------------------------------
     def _flatten(self, z: Tensor) -> Tensor:
-        if not isinstance(z, Tensor) or not z.is_floating_point():
-            raise ValueError(
-                f"z must be a floating-point tensor, got {type(z).__name__} {getattr(z, 'dtype', '')}."
-            )
-        if z.dim() < 2 or z.shape[1] != self.code_dim:
-            raise ValueError(
-                f"z must be channels-first (batch, code_dim={self.code_dim}, *spatial), got shape "
-                f"{tuple(z.shape)}; check that the encoder's output channels equal the "
-                "quantizer's code_dim."
-            )
-        if z.numel() == 0:
-            raise ValueError(f"z must not be empty, got shape {tuple(z.shape)}.")
-        return z.movedim(1, -1).reshape(-1, self.code_dim)
+        hint = "check that the encoder's output channels equal the quantizer's code_dim."
+        return flatten_codes(z, self.code_dim, hint)
 
     def lookup(self, indices: Tensor) -> Tensor:
         """Codes for integer ``indices`` (B, *spatial) as channels-first (B, D, *spatial)."""
@@ -590,11 +601,10 @@ class VectorQuantizer(nn.Module):
                 dead_codes = torch.zeros((), dtype=torch.long, device=z.device)
             batch_perplexity = perplexity(global_counts, validate=False).float()
 
-        spatial = z.shape[2:]
-        quantized = straight_through.reshape(z.shape[0], *spatial, self.code_dim).movedim(-1, 1)
+        quantized = unflatten_codes(straight_through, z)
         return QuantizerOutput(
             quantized=quantized,
-            indices=indices.reshape(z.shape[0], *spatial),
+            indices=indices.reshape(z.shape[0], *z.shape[2:]),
             loss=loss,
             codebook_loss=codebook_term,
             commitment_loss=commitment_term,
