@@ -24,7 +24,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from vae.nn.fsq import FiniteScalarQuantizer  # noqa: E402
 from vae.nn.quantizer import VectorQuantizer, nearest_codes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quantizer import time_variants  # noqa: E402
 
 NUM_VECTORS = 65_536
 LEVELS = (8, 5, 5, 5)  # 1,000 codes
@@ -54,12 +56,6 @@ def make_vector_quantizer(num_codes: int, seed: int = 0) -> VectorQuantizer:
     return quantizer.train()
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def speed(repeats: int) -> dict:
     fsq = FiniteScalarQuantizer(LEVELS).train()
     vq = make_vector_quantizer(fsq.num_codes)
@@ -72,12 +68,7 @@ def speed(repeats: int) -> dict:
         "vq_train_forward": lambda: vq(z_vq),
         "fsq_train_forward": lambda: fsq(z_fsq),
     }
-    for fn in variants.values():  # warm-up: allocator, thread pool
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(timed(fn))
+    times = time_variants(variants, repeats)
     medians = {name: statistics.median(values) for name, values in times.items()}
     minima = {name: min(values) for name, values in times.items()}
     return {

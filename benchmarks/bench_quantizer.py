@@ -108,6 +108,18 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+def time_variants(variants: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, ``repeats`` rounds alternating between them after one
+    warm-up call each (allocator, thread pool)."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn))
+    return times
+
+
 def speed(repeats: int) -> dict:
     z = latents(SPEED_N).requires_grad_(True)
     flat = z.detach().permute(0, 2, 3, 1).reshape(-1, CODE_DIM).contiguous()
@@ -120,12 +132,7 @@ def speed(repeats: int) -> dict:
         "vector_quantizer_train_forward": lambda: quantizer(z),
         "one_hot_reference": lambda: one_hot(z),
     }
-    for fn in variants.values():  # warm-up: allocator, thread pool
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(timed(fn))
+    times = time_variants(variants, repeats)
     medians = {name: statistics.median(values) for name, values in times.items()}
     minima = {name: min(values) for name, values in times.items()}
     return {
