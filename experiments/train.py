@@ -23,6 +23,9 @@ from vae.training.runs import register_resolvers
 # Hydra treats a relative config_path as a module when the caller is inside a package, which
 # breaks the console script; an absolute folder works from anywhere.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# model.* keys that say how vae-train runs the networks (LatentVariableModule.compile_networks,
+# .use_channels_last), not what the model is: not model arguments, not in its checkpoint.
+RUN_OPTIONS = ("compile", "channels_last")
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ def build_model(model_cfg: DictConfig, datamodule):
         else {"image_shape": datamodule.image_shape, "data_levels": datamodule.num_levels}
     )
     config = OmegaConf.to_container(model_cfg, resolve=True)
-    config.pop("compile", None)  # how to run the networks, not part of the model: see _train
+    for option in RUN_OPTIONS:  # how to run the networks, not part of the model: see _train
+        config.pop(option, None)
     return instantiate(config, **data_args, _recursive_=False, _convert_="all")
 
 
@@ -122,6 +126,8 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         if not getattr(datamodule, "download", False):
             datamodule.setup("fit")
         model = build_model(cfg.model, datamodule)
+        if cfg.model.get("channels_last", False):
+            model.use_channels_last()  # before compiling: the compiled graph sees the layout
         if cfg.model.get("compile", False):
             model.compile_networks()
     # A requeued SLURM job computes its first attempt's run directory (its name holds the job

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from experiments.train import RUN_OPTIONS
 from tests.cli import QUICK, last_line, run_cli
 from vae.eval.epoch_statistics import CodeUsage
 from vae.models import VQVAE, VQVAEPrior
@@ -268,7 +269,8 @@ def test_each_arm_of_the_quantizer_table_builds_with_1000_codes():
     for arm, config in models.items():
         arguments = OmegaConf.to_container(config, resolve=True)
         arguments.pop("_target_")
-        arguments.pop("compile")  # how vae-train runs the networks, not a model argument
+        for option in RUN_OPTIONS:  # how vae-train runs the networks, not model arguments
+            arguments.pop(option)
         model = VQVAE((1, 28, 28), **arguments)
         assert model.num_codes == 1000 and model.grid_shape == (7, 7)
         assert model(torch.rand(2, 1, 28, 28))[1].indices.shape == (2, 7, 7)

@@ -148,6 +148,21 @@ class LatentVariableModule(pl.LightningModule):
             if isinstance(part, torch.nn.Module):
                 part.compile(**options)
 
+    def use_channels_last(self) -> None:
+        """``model.channels_last=true``: keep the conv weights in the NHWC memory layout
+        (``torch.channels_last``), which cuDNN's tensor-core kernels read without transposes;
+        on a GPU with bf16 this is usually faster. A convolution with NHWC weights returns NHWC
+        activations whatever the layout of its input, so the images need no conversion of
+        their own. The numbers do not change (the same logical tensors, other strides), nor do
+        the checkpoints: a saved weight loads into a model in either layout. A model without
+        any ``Conv2d`` is refused: there the layout would only add copies."""
+        if not any(isinstance(m, torch.nn.Conv2d) for m in self.modules()):
+            raise ValueError(
+                f"model.channels_last=true is for conv networks, and {type(self).__name__} "
+                "here has no Conv2d layer: set model.arch=conv, or drop model.channels_last"
+            )
+        self.to(memory_format=torch.channels_last)
+
     def validation_means(self) -> torch.nn.ModuleDict:
         """One ``MeanMetric`` per validation scalar, made on first use (the names can depend
         on the data, e.g. bits_per_dim); Lightning computes, syncs and resets them."""

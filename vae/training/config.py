@@ -137,6 +137,8 @@ RULES: tuple[Rule, ...] = (
     Rule("model.regulariser.capacity_gamma", non_negative_number, "a number >= 0"),
     Rule("model.free_bits", non_negative_number, "a number >= 0 (nats per latent dimension)"),
     Rule("model.num_images", positive_int, "a positive integer"),
+    Rule("model.compile", lambda v: isinstance(v, bool), "true or false"),
+    Rule("model.channels_last", lambda v: isinstance(v, bool), "true or false"),
     Rule("data.batch_size", positive_int, "a positive integer"),
     Rule("data.num_workers", non_negative_int, "an integer >= 0"),
     Rule("data.binarize", one_of(*BINARIZE), f"one of {', '.join(BINARIZE)}"),
