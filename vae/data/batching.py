@@ -78,7 +78,8 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class ImageTensorDataset(Dataset):
-    """Images (N, C, H, W) float32 in [0, 1] and labels (N,) int64, served a batch at a time.
+    """Images (N, C, H, W) float32 in [0, 1] and labels (N,) int64, served a batch at a time,
+    gathered (and binarized) on the device the tensors live on.
 
     With ``resample_seed`` set, every batch is a fresh ``Bernoulli(images[idx])`` draw
     (dynamic binarization). The draws come from a generator seeded with
@@ -134,7 +135,9 @@ class ImageTensorDataset(Dataset):
                 keys += (key,)
             elif self._epoch is not None:
                 keys += (self._epoch,)
-            self._generator = seeded_generator(BINARIZE_TRAIN_STREAM, *keys)
+            self._generator = seeded_generator(
+                BINARIZE_TRAIN_STREAM, *keys, device=self.images.device
+            )
             self._generator_key = key
         return self._generator
 
@@ -150,13 +153,14 @@ class ImageTensorDataset(Dataset):
                 self.process_rank,
                 self._epoch,
                 first_index,
+                device=self.images.device,
             )
             return sample_binary(images, generator)
         return sample_binary(images, self._binarize_generator())
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch in one gather (the DataLoader passes the batch's indices)."""
-        index = torch.as_tensor(indices, dtype=torch.long)
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
         first = int(indices[0]) if len(indices) else None
         return self._maybe_binarize(self.images[index], first), self.labels[index]
 

@@ -41,12 +41,15 @@ class CIFAR10DataModule(InMemoryDataModule):
         download: bool = False,
         seed: int | None = None,
         pin_memory: bool | None = None,
+        on_device: bool | None = None,
     ) -> None:
         self.val_size = check_integer_setting(
             val_size, "data.val_size", 1, "Set e.g. data.val_size=5000."
         )
         self.download = bool(download)
-        super().__init__(root, batch_size, num_workers, binarize, split_seed, seed, pin_memory)
+        super().__init__(
+            root, batch_size, num_workers, binarize, split_seed, seed, pin_memory, on_device
+        )
 
     @property
     def folder(self) -> Path:

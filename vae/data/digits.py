@@ -46,6 +46,7 @@ class DigitsDataModule(InMemoryDataModule):
         split_seed: int = 0,
         seed: int | None = None,
         pin_memory: bool | None = None,
+        on_device: bool | None = None,
     ) -> None:
         hint = f"The two held-out sets must leave training examples out of {NUM_DIGITS}."
         self.val_size = check_integer_setting(val_size, "data.val_size", 1, hint)
@@ -55,7 +56,9 @@ class DigitsDataModule(InMemoryDataModule):
                 f"data.val_size + data.test_size = {val_size + test_size} leaves no training "
                 f"examples out of {NUM_DIGITS}; use e.g. data.val_size=180 data.test_size=180."
             )
-        super().__init__(root, batch_size, num_workers, binarize, split_seed, seed, pin_memory)
+        super().__init__(
+            root, batch_size, num_workers, binarize, split_seed, seed, pin_memory, on_device
+        )
 
     def load_splits(self) -> tuple[ImageSplit, ImageSplit, ImageSplit]:
         everything = load_digit_images()

@@ -80,6 +80,7 @@ class IDXImageDataModule(InMemoryDataModule):
         search_paths: Iterable[str] | None = None,
         seed: int | None = None,
         pin_memory: bool | None = None,
+        on_device: bool | None = None,
     ) -> None:
         self.val_size = check_integer_setting(
             val_size, "data.val_size", 1, "Set e.g. data.val_size=5000."
@@ -89,7 +90,9 @@ class IDXImageDataModule(InMemoryDataModule):
         if isinstance(paths, str | Path):
             raise ValueError(f"search_paths must be a list of folders, got the string {paths!r}")
         self.search_paths = tuple(Path(p) for p in paths)
-        super().__init__(root, batch_size, num_workers, binarize, split_seed, seed, pin_memory)
+        super().__init__(
+            root, batch_size, num_workers, binarize, split_seed, seed, pin_memory, on_device
+        )
 
     @property
     def raw_folder(self) -> Path:

@@ -24,6 +24,7 @@ def derive_seed(*keys: int) -> int:
     return int(state) >> 1
 
 
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``derive_seed(*keys)``."""
-    return torch.Generator().manual_seed(derive_seed(*keys))
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``derive_seed(*keys)``. The same seed
+    gives other numbers on a CUDA device (Philox) than on the CPU (Mersenne Twister)."""
+    return torch.Generator(device=device).manual_seed(derive_seed(*keys))

@@ -59,6 +59,10 @@ class InMemoryDataModule(L.LightningDataModule):
         pin_memory: pin batches for faster host-to-GPU copies; ``None`` means "if the trainer
             trains on a CUDA device" (without a trainer: if CUDA is available). A CPU run on a
             GPU machine then does not pin (and copy) every batch for nothing.
+        on_device: keep the splits in the training device's memory (``data.on_device``), so a
+            batch is one gather on the GPU and no image crosses the host-to-device link.
+            ``None`` (default) means "when the trainer trains on a CUDA device and
+            ``num_workers`` is 0"; ``False`` keeps them on the host. See ``serving_device``.
     """
 
     name: ClassVar[str]
@@ -77,6 +81,7 @@ class InMemoryDataModule(L.LightningDataModule):
         split_seed: int = 0,
         seed: int | None = None,
         pin_memory: bool | None = None,
+        on_device: bool | None = None,
     ) -> None:
         super().__init__()
         self.root = str(root)
@@ -94,6 +99,14 @@ class InMemoryDataModule(L.LightningDataModule):
             check_integer_setting(seed, "data.seed", 0, "Leave it unset to use the global seed.")
         self.seed = seed
         self._pin_memory = None if pin_memory is None else bool(pin_memory)
+        if on_device is not None and not isinstance(on_device, bool):
+            raise ValueError(f"data.on_device must be true, false or null, got {on_device!r}")
+        if on_device and self.num_workers > 0:
+            raise ValueError(
+                f"data.on_device=true serves batches from device memory in the main process, "
+                f"but data.num_workers={self.num_workers}: set data.num_workers=0"
+            )
+        self.on_device = on_device
         self._resume_position: tuple[int, int] | None = None
         self.train_split: ImageSplit | None = None
         self.val_split: ImageSplit | None = None
@@ -154,12 +167,35 @@ class InMemoryDataModule(L.LightningDataModule):
 
     @property
     def pin_memory(self) -> bool:
-        """Whether the loaders pin batches (see the ``pin_memory`` argument)."""
+        """Whether the loaders pin batches (see the ``pin_memory`` argument); never when the
+        splits are already on the device."""
+        if self.serving_device.type != "cpu":
+            return False
         if self._pin_memory is not None:
             return self._pin_memory
         if self.trainer is not None:
             return self.trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
+
+    @property
+    def serving_device(self) -> torch.device:
+        """Where the batches are gathered: the trainer's device (this process's GPU under DDP)
+        when ``on_device`` is true, or is ``None`` with a CUDA trainer and no workers; else the
+        CPU. Without a trainer: the CPU.
+
+        On a CUDA device the dynamic binarization draws from a CUDA generator with the same
+        seeds, which gives other (equally reproducible and resumable) noise than on the host."""
+        device = None if self.trainer is None else self.trainer.strategy.root_device
+        if device is None or self.on_device is False:
+            return torch.device("cpu")
+        if self.on_device is None and (device.type != "cuda" or self.num_workers > 0):
+            return torch.device("cpu")
+        return device
+
+    def _dataset(self, split: ImageSplit, **kwargs) -> ImageTensorDataset:
+        """The split's images and labels, on ``serving_device`` (one copy per dataloader)."""
+        device = self.serving_device
+        return ImageTensorDataset(split.images.to(device), split.labels.to(device), **kwargs)
 
     def _loader(self, dataset: ImageTensorDataset, sampler: Sampler[int], seed: int) -> DataLoader:
         return ResumableDataLoader(
@@ -182,9 +218,8 @@ class InMemoryDataModule(L.LightningDataModule):
         self._require_setup()
         seed = self.resolved_seed()
         split = self.train_split
-        dataset = ImageTensorDataset(
-            split.images,
-            split.labels,
+        dataset = self._dataset(
+            split,
             resample_seed=seed if self.binarize == "dynamic" else None,
             process_rank=self.trainer.global_rank if self.trainer is not None else 0,
         )
@@ -211,7 +246,7 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: ImageSplit | None) -> DataLoader:
         self._require_setup()
-        dataset = ImageTensorDataset(split.images, split.labels)
+        dataset = self._dataset(split)
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             # Each example once, on one process: Lightning's DistributedSampler would repeat

@@ -136,7 +136,7 @@ def check_compatible(checkpoint: Mapping[str, Any], model: torch.nn.Module, path
 
 # DataModule keys that change where the data is read or how fast, not which examples are used.
 DATA_KEYS_FREE_ON_RESUME = frozenset(
-    {"root", "num_workers", "pin_memory", "download", "search_paths"}
+    {"root", "num_workers", "pin_memory", "on_device", "download", "search_paths"}
 )
 
 

@@ -141,6 +141,11 @@ RULES: tuple[Rule, ...] = (
     Rule("model.channels_last", lambda v: isinstance(v, bool), "true or false"),
     Rule("data.batch_size", positive_int, "a positive integer"),
     Rule("data.num_workers", non_negative_int, "an integer >= 0"),
+    Rule(
+        "data.on_device",
+        lambda v: v is None or isinstance(v, bool),
+        "true, false or null (null: on the GPU when training there)",
+    ),
     Rule("data.binarize", one_of(*BINARIZE), f"one of {', '.join(BINARIZE)}"),
     Rule("data.val_size", positive_int, "a positive integer"),
     Rule("trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1"),
