@@ -64,7 +64,14 @@ def test_train_command_composes_to_a_valid_config(command: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# The README's commands, run in order in a fresh folder as a user would, with tiny settings.
+# The README's commands, run as a user would, with tiny settings. They run as independent
+# chains, each in a fresh folder, so that pytest-xdist spreads them over its workers (in one
+# serial test they took ~5 min, the longest tail of `make test`). A command that reads what an
+# earlier one wrote shares its chain, in README order: a `<run>` placeholder (the newest run of
+# that name in the chain's folder), a resume, a vae-eval of a run, a vae-compare of a sweep.
+# `vae-compare logs` compares the runs of its own chain: an IWAE and an FSQ VQ-VAE, two groups,
+# one without val/kl (tests/test_compare.py checks mixed log folders in detail). Each vae-train
+# process costs ~7 s of start-up however small its run, so a chain holds at most three.
 # ---------------------------------------------------------------------------------------------
 FASHION_INSTALLED = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
 FORTUNES_INSTALLED = Path("/usr/share/games/fortunes/fortunes").exists()
@@ -74,6 +81,60 @@ NOT_RUN = {
     "python3.11": "the install, done by make test itself",
     "pytest": "this test suite",
     "torchrun": "several processes; tests/test_eval_distributed.py runs vae-eval under it",
+}
+# The README's shell commands (as readme_shell_commands() gives them), chain by chain; the
+# longest chains first, so that xdist starts them early. test_chains_cover_the_readme checks
+# that these are exactly the README's commands.
+README_CHAINS = {
+    "fashion_nll_table_then_compare": (
+        "vae-train -m experiment=fashion_nll_table",
+        "vae-compare logs/fashion_nll_table --metrics test/nll_iw,test/elbo,test/kl,"
+        "test/mutual_info,test/total_correlation,test/active_units",
+    ),
+    "beta_sweep_twice_then_compare": (
+        "vae-train -m experiment=beta_sweep",
+        "vae-train -m experiment=beta_sweep",
+        "vae-compare logs/beta_sweep",
+    ),
+    "iwae_and_fsq_then_compare_all": (
+        "vae-train model=iwae model.k=5 model.gradient_estimator=dreg",
+        "vae-train model=vqvae model/quantizer=fsq model.quantizer.levels=[8,6,5] "
+        "model.code_dim=3 model.num_codes=240",
+        "vae-compare logs --metrics val/elbo,val/kl,test/nll_iw --out reports/all",
+    ),
+    "vqvae_then_prior_then_eval": (
+        "vae-train model=vqvae",
+        "vae-train model=vqvae_prior model.vqvae_ckpt=logs/vqvae_digits/<run>/checkpoints/last.ckpt",
+        "vae-eval ckpt_path=logs/vqvae_prior_digits/<run>",
+    ),
+    "resume_then_eval": (
+        "vae-train trainer.max_epochs=2 seed=1",
+        "vae-train ckpt_path=logs/vae_digits/<run> trainer.max_epochs=4",
+        "vae-eval ckpt_path=logs/vae_digits/<run>/checkpoints/last.ckpt eval.k=1000",
+    ),
+    "vae_fashion_8bit_then_eval": (
+        "vae-train experiment=vae_fashion_8bit",
+        "vae-eval ckpt_path=logs/vae_fashion_8bit/<run> eval.k=1000 eval.limit=1000 "
+        "eval.sample_scores=false",
+    ),
+    "text_lm_then_eval": (
+        "vae-train model=text_lm data=fortunes model.top_k=20",
+        "vae-eval ckpt_path=logs/text_lm_fortunes/<run>",
+    ),
+    "beta_sweep_fashion": ("vae-train -m experiment=beta_sweep_fashion",),
+    "kl_schedules": ("vae-train -m experiment=kl_schedules",),
+    "kl_schedules_in_the_full_loop": ("vae-train -m experiment=kl_schedules",),
+    "four_models_sweep": ("vae-train -m model=iwae,beta_tcvae,vampprior,ladder_vae",),
+    "beta_sweep_by_hand": ("vae-train -m model.beta=0.5,1,4",),
+    "install_check": ("vae-train",),
+    "defaults": ("vae-train",),
+    "beta_and_latent_dim": ("vae-train model.beta=4 model.latent_dim=16",),
+    "warm_up_and_free_bits": (
+        "vae-train model.kl_schedule=linear model.regulariser.warmup_steps=500 "
+        "model.free_bits=0.25",
+    ),
+    "vae_fashion": ("vae-train experiment=vae_fashion",),
+    "debug_fdr": ("vae-train debug=fdr",),
 }
 
 
@@ -85,6 +146,40 @@ def readme_shell_commands() -> list[str]:
             if command and not command.startswith(("make ", "python3.11", "pip ", "pytest")):
                 commands.append(command)
     return commands
+
+
+def _runnable(command: str) -> bool:
+    """False for the NOT_RUN tools and for lines whose data set is not installed."""
+    if shlex.split(command)[0] in NOT_RUN:
+        return False
+    if "fashion" in command and not FASHION_INSTALLED:
+        return False  # CI installs dataset-fashion-mnist; without it these lines cannot run
+    if "fortunes" in command and not FORTUNES_INSTALLED:
+        return False  # CI installs fortunes (data=fortunes); without it these lines cannot run
+    return True
+
+
+def _is_subsequence(chain: tuple[str, ...], commands: list[str]) -> bool:
+    remaining = iter(commands)
+    return all(command in remaining for command in chain)
+
+
+def test_chains_cover_the_readme():
+    """Every README shell command but the NOT_RUN tools is in exactly one chain, and each
+    chain keeps README order; so no command is skipped or run twice."""
+    commands = readme_shell_commands()
+    chained = [command for chain in README_CHAINS.values() for command in chain]
+    in_readme = [c for c in commands if shlex.split(c)[0] not in NOT_RUN]
+    assert sorted(chained) == sorted(in_readme), (
+        f"README commands in no chain: {sorted(set(in_readme) - set(chained))}; "
+        f"chain commands not in the README: {sorted(set(chained) - set(in_readme))}; "
+        "add each new README command to README_CHAINS (with the commands it reads from)"
+    )
+    for name, chain in README_CHAINS.items():
+        assert _is_subsequence(chain, commands), f"chain {name} is not in README order"
+    tools = [shlex.split(c)[0] for c in in_readme]
+    assert set(tools) == {"vae-train", "vae-eval", "vae-compare"}, tools
+    assert tools.count("vae-train") >= 10 and "vae-eval" in tools and "vae-compare" in tools
 
 
 def _fill_placeholder(arg: str, workdir: Path) -> str:
@@ -125,22 +220,13 @@ def _tiny(tool: str, args: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_commands_run_in_order(tmp_path: Path):
-    ran = []
-    for command in readme_shell_commands():
+@pytest.mark.parametrize("chain", README_CHAINS)
+def test_readme_commands_run_in_order(chain: str, tmp_path: Path):
+    for command in filter(_runnable, README_CHAINS[chain]):
         words = shlex.split(command)
         tool, args = words[0], words[1:]
-        if tool in NOT_RUN:
-            continue
-        if "fashion" in command and not FASHION_INSTALLED:
-            continue  # CI installs dataset-fashion-mnist; without it these lines cannot run
-        if "fortunes" in command and not FORTUNES_INSTALLED:
-            continue  # CI installs fortunes (data=fortunes); without it these lines cannot run
-        assert tool in ("vae-train", "vae-eval", "vae-compare"), (
-            f"untested README command: {command}"
-        )
         args = _tiny(tool, [_fill_placeholder(a, tmp_path) for a in args])
         run_cli(tool, *args, cwd=tmp_path, timeout=600)
-        ran.append(tool)
-    assert ran.count("vae-train") >= 10 and "vae-eval" in ran and "vae-compare" in ran
-    assert (tmp_path / "reports" / "all" / "rate_distortion.png").is_file()
+        if "--out" in args:
+            out = tmp_path / args[args.index("--out") + 1]
+            assert (out / "rate_distortion.png").is_file(), sorted(out.iterdir())
