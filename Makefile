@@ -25,7 +25,7 @@ train: $(STAMP)
 # process) the OpenMP threads of both workers spin against each other and small models train
 # up to 10x slower.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15 --nbmake tests notebooks $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15 --nbmake notebooks tests $(ARGS)
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not slow" $(ARGS)
