@@ -74,6 +74,10 @@ def one_of(*allowed: Any) -> Callable[[Any], bool]:
     return check
 
 
+def boolean(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
 def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     def maybe(value: Any) -> bool:
         return value is None or check(value)
@@ -137,13 +141,13 @@ RULES: tuple[Rule, ...] = (
     Rule("model.regulariser.capacity_gamma", non_negative_number, "a number >= 0"),
     Rule("model.free_bits", non_negative_number, "a number >= 0 (nats per latent dimension)"),
     Rule("model.num_images", positive_int, "a positive integer"),
-    Rule("model.compile", lambda v: isinstance(v, bool), "true or false"),
-    Rule("model.channels_last", lambda v: isinstance(v, bool), "true or false"),
+    Rule("model.compile", boolean, "true or false"),
+    Rule("model.channels_last", boolean, "true or false"),
     Rule("data.batch_size", positive_int, "a positive integer"),
     Rule("data.num_workers", non_negative_int, "an integer >= 0"),
     Rule(
         "data.on_device",
-        lambda v: v is None or isinstance(v, bool),
+        optional(boolean),
         "true, false or null (null: on the GPU when training there)",
     ),
     Rule("data.binarize", one_of(*BINARIZE), f"one of {', '.join(BINARIZE)}"),
@@ -161,10 +165,8 @@ RULES: tuple[Rule, ...] = (
         lambda v: v == "auto" or positive_int(v),
         "auto or a positive integer (torch's intra-op threads)",
     ),
-    Rule(
-        "callbacks.nonfinite_guard.skip_nonfinite", lambda v: isinstance(v, bool), "true or false"
-    ),
-    Rule("test", lambda v: isinstance(v, bool), "true or false"),
+    Rule("callbacks.nonfinite_guard.skip_nonfinite", boolean, "true or false"),
+    Rule("test", boolean, "true or false"),
     Rule("eval.k", positive_int, "a positive integer, e.g. eval.k=5000"),
     Rule("eval.limit", optional(positive_int), "null or a positive integer"),
     Rule("eval.batch_size", positive_int, "a positive integer"),
@@ -220,10 +222,6 @@ def decay_fraction(value: Any) -> bool:
 
 def existing_file(value: Any) -> bool:
     return isinstance(value, str) and Path(value).expanduser().is_file()
-
-
-def boolean(value: Any) -> bool:
-    return isinstance(value, bool)
 
 
 VQ_RULES: tuple[Rule, ...] = (
