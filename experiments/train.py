@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -248,17 +248,22 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
+    from vae.training.config import ConfigError, apply_aliases, validate_config
+
+    run_dir = Path(cfg.paths.output_dir)
+    try:  # before torch and Lightning load (~6 s): a bad config is answered at once
+        apply_aliases(cfg)
+        validate_config(cfg)
+    except ConfigError as err:
+        _refuse(err, cfg)
 
     from vae.data import DatasetNotFoundError
     from vae.training.callbacks import NonFiniteLossError, RunInterrupted
     from vae.training.checkpoints import CheckpointError, DiskFullError
-    from vae.training.config import ConfigError
     from vae.training.library_noise import silence_library_noise
-    from vae.training.runs import RunLockedError, discard_unused_outputs
+    from vae.training.runs import RunLockedError
 
     silence_library_noise()
-    run_dir = Path(cfg.paths.output_dir)
     try:
         metrics = train(cfg)
     except NonFiniteLossError as err:
@@ -275,19 +280,31 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         )
         sys.exit(1)
     except (ConfigError, DatasetNotFoundError, CheckpointError, RunLockedError) as err:
-        hydra_cfg = HydraConfig.get()
-        log_file = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename")
-        discard_unused_outputs(
-            run_dir, hydra_cfg.output_subdir, log_file, log_dir=Path(cfg.paths.log_dir)
-        )
-        print(f"vae-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(err, cfg)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:  # DDP workers run this too; one report is enough
         print("View the runs with: tensorboard --logdir " + str(cfg.paths.log_dir))
         print(run_dir)
     return metrics.get("val/elbo")
+
+
+def _refuse(err: Exception, cfg: DictConfig) -> NoReturn:
+    """Exit 2 with the one-line reason, removing what Hydra created for this refused run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from vae.training.runs import discard_unused_outputs
+
+    hydra_cfg = HydraConfig.get()
+    log_file = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename")
+    discard_unused_outputs(
+        Path(cfg.paths.output_dir),
+        hydra_cfg.output_subdir,
+        log_file,
+        log_dir=Path(cfg.paths.log_dir),
+    )
+    print(f"vae-train: error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> None:
