@@ -1,4 +1,5 @@
-"""Every preset in conf/experiment/ is found by a glob and run once with debug=fdr.
+"""Every preset in conf/experiment/ is found by a glob and run once with debug=fdr (the
+tables of arms as their sweeps).
 
 A broken preset (bad key, wrong group override, a model that does not build) cannot land.
 Datasets that need files get tiny IDX files written here, so the test runs offline.
@@ -7,6 +8,7 @@ Datasets that need files get tiny IDX files written here, so the test runs offli
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from tests.test_data_mnist import fake_arrays, write_dataset
 pytestmark = pytest.mark.slow
 
 EXPERIMENTS = sorted(Path(CONFIG_DIR, "experiment").glob("*.yaml"))
+# Run below as the sweeps they are (one process for all arms), not as one job of their base.
+SWEPT_TABLES = ("fashion_nll_table", "quantizers_fashion")
 IDX_FOLDERS = {
     "vae.data.FashionMNISTDataModule": "FashionMNIST",
     "vae.data.MNISTDataModule": "MNIST",
@@ -34,7 +38,9 @@ def _composed(experiment: str):
         return compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
 
 
-@pytest.mark.parametrize("preset", EXPERIMENTS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "preset", [p for p in EXPERIMENTS if p.stem not in SWEPT_TABLES], ids=lambda p: p.stem
+)
 def test_preset_runs_with_fast_dev_run(preset: Path, tmp_path: Path):
     cfg = _composed(preset.stem)
     overrides = [f"experiment={preset.stem}", "debug=fdr", "trainer.accelerator=cpu"]
@@ -85,6 +91,7 @@ def test_each_arm_of_the_text_vae_collapse_sweep_changes_only_its_keys():
 
 
 FASHION_ARMS = sorted(Path(CONFIG_DIR, "fashion_nll_arm").glob("*.yaml"))
+QUANTIZER_ARMS = sorted(Path(CONFIG_DIR, "quantizer_arm").glob("*.yaml"))
 
 
 def test_the_likelihood_table_has_every_variant():
@@ -100,54 +107,53 @@ def test_the_likelihood_table_has_every_variant():
     assert {p.stem for p in FASHION_ARMS} == set(sweep.split(","))
 
 
-@pytest.mark.parametrize("arm", FASHION_ARMS, ids=lambda p: p.stem)
-def test_each_arm_of_the_likelihood_table_runs_with_fast_dev_run(arm: Path, tmp_path: Path):
-    """Each variant's YAML, found by the glob, builds and takes a step in the table's setup
-    (the same 512-unit MLP, 16 latent dimensions where it has one layer)."""
-    write_dataset(tmp_path / "data" / "FashionMNIST" / "raw", fake_arrays(0), compress=True)
-    overrides = [
-        "experiment=fashion_nll_table",
-        f"+fashion_nll_arm={arm.stem}",
-        "debug=fdr",
-        "trainer.accelerator=cpu",
-        f"data.root={tmp_path / 'data'}",
-        "data.val_size=4",
-        "data.search_paths=[]",
-    ]
-    if arm.stem == "vampprior":
-        overrides.append("model.num_pseudo_inputs=8")  # the fake split is tiny
-    proc = run_cli("vae-train", *overrides, cwd=tmp_path)
-    run_dir = tmp_path / last_line(proc.stdout)
-    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
-    config = (run_dir / ".hydra" / "config.yaml").read_text()
-    assert "- 512" in config
-
-
-QUANTIZER_ARMS = sorted(Path(CONFIG_DIR, "quantizer_arm").glob("*.yaml"))
-
-
 def test_the_quantizer_comparison_sweeps_every_arm():
     sweep = _composed("quantizers_fashion").hydra.sweeper.params["+quantizer_arm"]
     assert set(sweep.split(",")) == {p.stem for p in QUANTIZER_ARMS}
 
 
-@pytest.mark.parametrize("arm", QUANTIZER_ARMS, ids=lambda p: p.stem)
-def test_each_quantizer_arm_runs_with_fast_dev_run(arm: Path, tmp_path: Path):
-    """VQ with and without restarts and FSQ, each found by the glob, take a step in the
-    comparison's setup with 1,000 codes."""
+def _sweep_with_fast_dev_run(experiment: str, arm_group: str, tmp_path: Path) -> dict[str, Path]:
+    """``vae-train -m experiment=<experiment> debug=fdr`` on a tiny fake Fashion-MNIST: the
+    preset's own sweep, one process for all its arms, as a user runs the table. Returns
+    (arm -> job folder), the arm read from the job's recorded overrides."""
     write_dataset(tmp_path / "data" / "FashionMNIST" / "raw", fake_arrays(0), compress=True)
-    overrides = [
-        "experiment=quantizers_fashion",
-        f"+quantizer_arm={arm.stem}",
+    run_cli(
+        "vae-train",
+        "-m",
+        f"experiment={experiment}",
         "debug=fdr",
         "trainer.accelerator=cpu",
+        "callbacks.progress_bar.refresh_rate=0",
         f"data.root={tmp_path / 'data'}",
         "data.val_size=4",
         "data.search_paths=[]",
-    ]
-    proc = run_cli("vae-train", *overrides, cwd=tmp_path)
-    run_dir = tmp_path / last_line(proc.stdout)
-    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
-    config = (run_dir / ".hydra" / "config.yaml").read_text()
-    assert "num_codes: 1000" in config
-    assert ("FiniteScalarQuantizer" in config) == (arm.stem == "fsq")
+        cwd=tmp_path,
+    )
+    jobs = {}
+    for job in (tmp_path / "logs" / experiment).glob("multirun_*/*/"):
+        overrides = (job / ".hydra" / "overrides.yaml").read_text()
+        (arm,) = re.findall(rf"\+{arm_group}=(\w+)", overrides)
+        jobs[arm] = job
+    return jobs
+
+
+def test_each_arm_of_the_likelihood_table_runs_with_fast_dev_run(tmp_path: Path):
+    """Each variant's YAML, found by the glob, builds and takes a step in the table's setup
+    (the same 512-unit MLP, 16 latent dimensions where it has one layer)."""
+    jobs = _sweep_with_fast_dev_run("fashion_nll_table", "fashion_nll_arm", tmp_path)
+    assert set(jobs) == {arm.stem for arm in FASHION_ARMS}
+    for arm, job in jobs.items():
+        assert json.loads((job / "metrics.json").read_text())["global_step"] == 1, arm
+        assert "- 512" in (job / ".hydra" / "config.yaml").read_text(), arm
+
+
+def test_each_quantizer_arm_runs_with_fast_dev_run(tmp_path: Path):
+    """VQ with and without restarts and FSQ, each found by the glob, take a step in the
+    comparison's setup with 1,000 codes."""
+    jobs = _sweep_with_fast_dev_run("quantizers_fashion", "quantizer_arm", tmp_path)
+    assert set(jobs) == {arm.stem for arm in QUANTIZER_ARMS}
+    for arm, job in jobs.items():
+        assert json.loads((job / "metrics.json").read_text())["global_step"] == 1, arm
+        config = (job / ".hydra" / "config.yaml").read_text()
+        assert "num_codes: 1000" in config, arm
+        assert ("FiniteScalarQuantizer" in config) == (arm == "fsq"), arm
