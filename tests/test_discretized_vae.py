@@ -1,7 +1,7 @@
 """The discretised likelihoods in the Gaussian VAE family: decoder outputs, initial bias, the CLIs.
 
-The end-to-end tests train on the digits at their own 17 levels (``data.binarize=none``) and
-read ``test/bits_per_dim`` from ``vae-eval``: bits per pixel of the discrete data, with no
+The end-to-end test trains on the digits at their own 17 levels (``data.binarize=none``) and
+reads ``test/bits_per_dim`` from ``vae-train test=true`` and ``vae-eval``: bits per pixel of the discrete data, with no
 dequantisation offset, so a model that learned anything is below log2(17) = 4.09 (a uniform
 pmf over the levels).
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from tests.cli import QUICK, QUICK_EVAL, last_line, read_metrics, run_cli
+from tests.cli import QUICK, QUICK_EVAL, read_metrics, run_cli
 from vae.losses import DISCRETIZED_LIKELIHOODS
 from vae.models.gaussian_vae import GaussianVAE
 from vae.models.iwae import IWAE
@@ -79,30 +80,46 @@ needs_config = pytest.mark.xfail(
 
 @needs_config
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_vae_train_and_vae_eval_report_bits_per_dim_of_the_17_level_digits(name, tmp_path: Path):
-    proc = run_cli(
+def test_vae_train_and_vae_eval_report_bits_per_dim_of_the_17_level_digits(tmp_path: Path):
+    """One sweep over the three likelihoods, each run ending with its test numbers (test=true);
+    vae-eval of a run then gives the same numbers; and a run of one depth is neither resumed
+    nor evaluated on data of another."""
+    run_cli(
         "vae-train",
+        "-m",
+        f"model.likelihood={','.join(NAMES)}",
+        "name=discretized",
         "data.binarize=none",
-        f"model.likelihood={name}",
         "model.num_mixtures=3",
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=10",
         "trainer.limit_val_batches=2",
+        "test=true",
+        "eval.k=2",
+        "eval.limit=16",
         *QUICK,
         cwd=tmp_path,
     )
-    run_dir = tmp_path / last_line(proc.stdout)
-    assert 0 < read_metrics(run_dir)["val/bits_per_dim"] < math.log2(17)
+    runs = {
+        OmegaConf.load(job / ".hydra" / "config.yaml").model.likelihood: job
+        for job in (tmp_path / "logs" / "discretized").glob("multirun_*/*/")
+    }
+    assert set(runs) == set(NAMES)
+    for name, run_dir in runs.items():
+        metrics = read_metrics(run_dir)
+        assert 0 < metrics["val/bits_per_dim"] < math.log2(17), name
+        assert 0 < metrics["test/bits_per_dim"] < math.log2(17), name
+        # No offset: bits/dim is the IW-NLL in bits, over the 64 pixels.
+        assert metrics["test/bits_per_dim"] == pytest.approx(
+            metrics["test/nll_iw"] / (64 * math.log(2)), rel=1e-6
+        ), name
+    name = "discretized_logistic_mixture"
+    run_dir = runs[name]
+    at_the_end_of_training = read_metrics(run_dir)["test/bits_per_dim"]
     run_cli("vae-eval", f"ckpt_path='{run_dir}'", *QUICK_EVAL, cwd=tmp_path)
-    metrics = read_metrics(run_dir)
-    assert 0 < metrics["test/bits_per_dim"] < math.log2(17)
-    # No offset: bits/dim is the IW-NLL in bits, over the 64 pixels.
-    assert metrics["test/bits_per_dim"] == pytest.approx(
-        metrics["test/nll_iw"] / (64 * math.log(2)), rel=1e-6
+    assert read_metrics(run_dir)["test/bits_per_dim"] == pytest.approx(
+        at_the_end_of_training, rel=1e-6
     )
-    if name != "discretized_logistic_mixture":
-        return
     # A run of one depth is not resumed, nor evaluated, on data of another.
     resumed = run_cli(
         "vae-train",
