@@ -40,6 +40,15 @@ def train(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
     The run directory has one writer at a time: this process holds its lock
     (``vae.training.runs.RunLock``) from start to end; a second writer is refused.
     """
+    from vae.training.config import apply_aliases, validate_config
+
+    apply_aliases(cfg)
+    validate_config(cfg)  # before torch and Lightning load (~6 s): a bad config answers at once
+    return _fit(cfg, test)
+
+
+def _fit(cfg: DictConfig, test: bool | None = None) -> dict[str, Any]:
+    """``train`` of a validated config: holds the run's lock around ``_train``."""
     from lightning.pytorch.utilities import rank_zero_only
 
     from vae.training.runs import RunLock
@@ -100,7 +109,7 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
         read_checkpoint,
         remove_stale_temporaries,
     )
-    from vae.training.config import apply_aliases, config_errors, validate_config
+    from vae.training.config import config_errors
     from vae.training.runs import (
         config_subdir,
         ddp_children_run_this_job,
@@ -113,8 +122,6 @@ def _train(cfg: DictConfig, test: bool | None) -> dict[str, Any]:
     from vae.training.tensorboard import config_hparams, log_hparams, task_overrides, trial_name
     from vae.training.threads import apply_threads
 
-    apply_aliases(cfg)
-    validate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -251,7 +258,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from vae.training.config import ConfigError, apply_aliases, validate_config
 
     run_dir = Path(cfg.paths.output_dir)
-    try:  # before torch and Lightning load (~6 s): a bad config is answered at once
+    try:  # train()'s check, here before the imports below load torch and Lightning (~6 s)
         apply_aliases(cfg)
         validate_config(cfg)
     except ConfigError as err:
@@ -265,7 +272,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     silence_library_noise()
     try:
-        metrics = train(cfg)
+        metrics = _fit(cfg)
     except NonFiniteLossError as err:
         print(f"vae-train: error: {err}\nRun directory: {run_dir}", file=sys.stderr)
         sys.exit(3)

@@ -49,3 +49,10 @@ def test_vae_eval_help_lists_its_own_keys_only(tmp_path: Path):
     assert "ckpt_path" in text and "eval:" in text and "  k: 5000" in text
     for group in ("model", "trainer", "callbacks", "data", "experiment", "debug"):
         assert not any(line.startswith(f"{group}:") for line in text.splitlines()), group
+
+
+def test_a_config_warning_is_printed_once(tmp_path: Path):
+    """vae-train checks the config before torch loads and train() checks it for other callers:
+    the CLI must do it once, or each warning of the check shows twice."""
+    proc = run_cli("vae-train", "data.binarize=none", "debug=fdr", *QUICK, cwd=tmp_path)
+    assert proc.stderr.count("the Bernoulli NLL is not a likelihood of grey-level pixels") == 1
